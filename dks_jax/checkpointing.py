@@ -1,0 +1,186 @@
+"""Checkpoints and exports, behind one module so that an Orbax API change is a one-file change.
+
+Run folder layout (DESIGN.md): ``checkpoints/<step>/`` (latest ``max_to_keep``), ``best/<step>/`` (the
+checkpoint with the best evaluation top-1), ``export/`` (the main path only, for inference).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+from dks_jax import paths
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint could be restored, or the workdir holds another run's checkpoints."""
+
+
+def abstract(tree):
+    """ShapeDtypeStructs (with shardings) of a pytree of arrays: the target of a restore."""
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
+    )
+
+
+class Checkpoints:
+    """Saves every process's share of the train state; restores into an abstract, sharded target.
+
+    Every process calls every method (Orbax coordinates the processes). Saving is asynchronous:
+    ``save`` returns once the arrays are copied off the devices; ``wait`` blocks until written.
+    """
+
+    def __init__(self, workdir, *, max_to_keep: int = 3, async_save: bool = True):
+        workdir = paths.as_path(workdir)
+        self.directory = workdir / "checkpoints"
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        best_options = ocp.CheckpointManagerOptions(
+            max_to_keep=1, create=True, best_fn=lambda m: m["top1"], best_mode="max",
+            enable_async_checkpointing=async_save,
+        )
+        self._best = ocp.CheckpointManager(workdir / "best", options=best_options)
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state, *, force: bool = False) -> bool:
+        return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+    def save_best(self, step: int, state, top1: float) -> bool:
+        """Keeps ``state`` under ``best/`` if ``top1`` beats the best evaluation so far."""
+        return self._best.save(step, args=ocp.args.StandardSave(state), metrics={"top1": top1})
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process once the runtime has seen a preemption notice (multi-process)."""
+        return self._manager.reached_preemption(step)
+
+    def restore(self, target) -> tuple[int, Any] | None:
+        """Restores the latest readable checkpoint into ``target`` (abstract arrays with shardings).
+
+        Returns ``(step, state)``, or None when there is no checkpoint. A checkpoint that cannot be
+        read (corrupt, partial) is renamed ``corrupt-<step>`` so nothing is lost, and the previous one
+        is tried; the log says so. Raises CheckpointError when every checkpoint fails, or when the
+        checkpoints hold a different model (shapes or structure differ from ``target``).
+        """
+        steps = self.all_steps()
+        errors = []
+        for step in reversed(steps):
+            try:
+                state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
+            except Exception as e:  # noqa: BLE001 - Orbax raises many types for unreadable data
+                if _is_mismatch(e):
+                    raise CheckpointError(
+                        f"The checkpoint at {self.directory / str(step)} does not match this run's "
+                        f"model and optimizer state ({type(e).__name__}: {str(e)[:300]}). It belongs "
+                        "to a different configuration: use another --workdir, or set "
+                        "--config.start_over=True to move the old checkpoints aside and start anew."
+                    ) from e
+                errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
+                logging.warning(
+                    "Checkpoint at step %d is unreadable (%s); moving it to corrupt-%d and falling "
+                    "back to the previous one.", step, errors[-1], step,
+                )
+                self._set_aside(step)
+                continue
+            if errors:
+                logging.warning("Restored step %d after skipping: %s", step, "; ".join(errors))
+            return step, state
+        if errors:
+            raise CheckpointError(
+                f"No checkpoint in {self.directory} could be restored: {'; '.join(errors)}. "
+                "Set --config.start_over=True to start from scratch (old checkpoints are kept)."
+            )
+        return None
+
+    def _set_aside(self, step: int) -> None:
+        if jax.process_index() == 0:
+            src = self.directory / str(step)
+            if src.exists():
+                src.rename(self.directory / f"corrupt-{step}")
+        _barrier(f"set_aside_{step}")
+        self._manager.reload()
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+        self._best.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()
+        self._best.close()
+
+
+def _is_mismatch(error: Exception) -> bool:
+    text = str(error).lower()
+    return any(k in text for k in ("shape", "structure", "mismatch", "does not match", "missing key",
+                                   "unexpected key", "not found in"))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def move_aside(workdir) -> epath.Path | None:
+    """Renames a previous run's checkpoints, best and export folders to ``previous-<n>/`` (no data lost)."""
+    workdir = paths.as_path(workdir)
+    names = [n for n in ("checkpoints", "best", "export") if (workdir / n).exists()]
+    if not names:
+        return None
+    n = 0
+    while (workdir / f"previous-{n}").exists():
+        n += 1
+    dest = workdir / f"previous-{n}"
+    if jax.process_index() == 0:
+        dest.mkdir(parents=True)
+        for name in names:
+            (workdir / name).rename(dest / name)
+    _barrier("move_aside")
+    return dest
+
+
+# ---- export: the main path only ---------------------------------------------------------------
+
+EXPORT_META = "model.json"
+
+
+def save_export(directory, state: dict, meta: dict) -> epath.Path:
+    """Writes the main path's ``state`` (a pure dict of arrays) and ``meta`` (JSON: model, classes)."""
+    directory = paths.as_path(directory)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory / "state", state, force=True)
+    checkpointer.wait_until_finished()
+    if jax.process_index() == 0:
+        (directory / EXPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
+    _barrier("save_export")
+    return directory
+
+
+def load_export(directory, target=None) -> tuple[dict, dict]:
+    """Reads an export: ``(meta, state)``; ``state`` restored into ``target`` when given."""
+    directory = paths.as_path(directory)
+    meta_path = directory / EXPORT_META
+    if not meta_path.exists():
+        raise CheckpointError(
+            f"{directory} is not an export of dks_jax (no {EXPORT_META}); point to the `export/` "
+            "folder of a finished run."
+        )
+    meta = json.loads(meta_path.read_text())
+    checkpointer = ocp.StandardCheckpointer()
+    if target is None:
+        state = checkpointer.restore(directory / "state")
+    else:
+        state = checkpointer.restore(directory / "state", target)
+    return meta, state

@@ -1,0 +1,138 @@
+"""The shared base of every config in ``configs/``, and the papers' recipes (DESIGN.md).
+
+A config file is a few lines: ``get_config()`` starts from ``base()``, applies a recipe and sets what
+differs. Durations are in epochs; steps are derived at run time from the data set and batch size, so
+``--config.batch_size=...`` keeps the schedule right. Nothing derived is stored in the config.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+METHODS = ("baseline", "ds", "dsn", "dks", "dhm", "kd", "byot")
+
+
+def base() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # Model (dks_jax.models.create).
+    c.model = "cifar_resnet32"
+    c.aux = "paper"  # paper | none | simple | ap_2fc | ap_conv_2fc | narrow | shallow
+    c.branches = ()  # active attachment points, e.g. (1, 2); () = the design's default set
+    c.num_classes = 0  # 0 = the data set's number of classes
+    c.dropout = 0.0  # WRN only (0.3 in the papers' strong-regularisation rows)
+    c.zero_init_residual = False
+    c.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
+    c.bn_group_size = 0  # BatchNorm statistics over groups of this many examples; 0 = whole batch
+
+    # Objective (dks_jax.losses.objective).
+    c.method = "dks"
+    c.loss = ml_collections.ConfigDict()
+    c.loss.alpha = 1.0  # weight of each auxiliary cross-entropy (DS, DKS, DHM; DSN's alpha_m)
+    c.loss.beta = 1.0  # weight of each synergy pair (DKS, DHM, BYOT)
+    c.loss.pairs = "bidirectional"  # top_down | bottom_up | bidirectional
+    c.loss.temperature = 1.0
+    c.loss.divergence = "ce"  # ce (the paper) | kl
+    c.loss.label_smoothing = 0.0
+    c.loss.gamma = 0.0  # DSN companion threshold
+    c.loss.dsn_companion = "ce"  # ce | squared_hinge
+    c.loss.dsn_zero_fraction = 1.0  # DSN: alpha reaches 0 at this fraction of training
+    c.loss.mimic_prob = 0.5  # DHM: probability that a branch takes part in an epoch
+    c.loss.kd_weight = 1.0
+    c.loss.kd_heads = (0,)  # heads taught by the teacher (KD)
+    c.loss.teacher_model = ""  # KD: registry name of the teacher
+    c.loss.teacher_checkpoint = ""  # KD: the `export/` folder of a run of this code
+
+    # Data (dks_jax.data.create).
+    c.dataset = "cifar100"  # TFDS name, or a path to an image folder / .tar / .tar.gz
+    c.data_dir = ""  # TFDS data_dir, and where image-folder copies of named data sets are looked for
+    c.train_split = "train"
+    c.eval_split = "test"
+    c.loader = "auto"  # auto | in_memory | streaming
+    c.augment = "cifar"  # cifar | imagenet_simple | imagenet_inception | none
+    c.image_size = 32
+    c.resize_mode = "both_sides"  # ImageNet "simple" augmentation: both_sides | shorter_side
+    c.cutout = 0
+    c.label_noise = 0.0
+
+    # Optimisation.
+    c.batch_size = 64  # global, over all devices of all hosts
+    c.eval_batch_size = 0  # 0 = batch_size
+    c.num_epochs = 200.0
+    c.seed = 0
+    c.optimizer = "sgd"
+    c.learning_rate = 0.1
+    c.momentum = 0.9
+    c.nesterov = False
+    c.weight_decay = 1e-4
+    c.weight_decay_mask = "all"  # all (the papers' PyTorch) | kernels
+    c.lr_schedule = "step"  # step | cosine | constant
+    c.lr_boundaries = (60.0, 120.0, 180.0)  # epochs (step schedule)
+    c.lr_decay_factor = 0.1
+    c.warmup_epochs = 0.0
+
+    # Logging, evaluation, checkpoints.
+    c.log_every_steps = 100
+    c.eval_every_epochs = 1.0
+    c.checkpoint_every_epochs = 1.0
+    c.max_to_keep = 3
+    c.async_checkpointing = True
+    c.profile_steps = 0  # > 0: write a profiler trace of this many steps after the first log step
+    c.start_over = False  # True: move an incompatible run's checkpoints aside and start anew
+    return c
+
+
+def cifar_resnet_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """ResNet and MobileNet on CIFAR: SGD 0.9, batch 64, wd 1e-4, 200 epochs, 0.1 /10 every 60."""
+    c.batch_size, c.weight_decay, c.nesterov = 64, 1e-4, False
+    c.num_epochs, c.learning_rate = 200.0, 0.1
+    c.lr_boundaries, c.lr_decay_factor = (60.0, 120.0, 180.0), 0.1
+    return c
+
+
+def cifar_densenet_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """DenseNet on CIFAR: Nesterov 0.9, batch 64, wd 1e-4, 300 epochs, 0.1 /10 at 50% and 75%."""
+    c.batch_size, c.weight_decay, c.nesterov = 64, 1e-4, True
+    c.num_epochs, c.learning_rate = 300.0, 0.1
+    c.lr_boundaries, c.lr_decay_factor = (150.0, 225.0), 0.1
+    return c
+
+
+def cifar_wrn_recipe(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """WRN on CIFAR: SGD 0.9, batch 128, wd 5e-4, 200 epochs, 0.1 /5 at 60, 120, 160."""
+    c.batch_size, c.weight_decay, c.nesterov = 128, 5e-4, False
+    c.num_epochs, c.learning_rate = 200.0, 0.1
+    c.lr_boundaries, c.lr_decay_factor = (60.0, 120.0, 160.0), 0.2
+    return c
+
+
+def imagenet_recipe(c: ml_collections.ConfigDict, *, aggressive: bool = False):
+    """ResNet on ImageNet: SGD 0.9, batch 256, wd 1e-4, 100 epochs, 0.1 /10 every 30; BN statistics
+    per 32 images (the papers' 8 GPUs x 32); resize 256 + crop 224 + flip, or Inception-style."""
+    c.dataset, c.eval_split = "imagenet2012", "validation"
+    c.loader, c.image_size = "streaming", 224
+    c.augment = "imagenet_inception" if aggressive else "imagenet_simple"
+    c.batch_size, c.weight_decay, c.nesterov = 256, 1e-4, False
+    c.num_epochs, c.learning_rate = 100.0, 0.1
+    c.lr_boundaries, c.lr_decay_factor = (30.0, 60.0, 90.0), 0.1
+    c.bn_group_size = 32
+    c.dtype = "bfloat16"
+    c.log_every_steps, c.max_to_keep = 500, 2
+    return c
+
+
+def with_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
+    """Sets ``method``; the plain baseline trains the backbone alone (``aux="none"``)."""
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r}; valid: {', '.join(METHODS)}.")
+    c.method = method
+    if method == "baseline":
+        c.aux = "none"
+    return c
+
+
+def parse_preset(arg: str | None, default: str, valid) -> str:
+    """The preset argument of ``get_config(arg)`` (``--config=configs/x.py:arg``), checked."""
+    arg = arg or default
+    if arg not in valid:
+        raise ValueError(f"Unknown preset {arg!r}; valid: {', '.join(valid)}.")
+    return arg
