@@ -1,0 +1,12 @@
+"""DKS Table 1 (CIFAR-100): ResNet-32 with baseline / ds / dks (and dsn, dhm, byot).
+
+Usage: --config=configs/cifar100_resnet32.py:dks (the preset is the method; default dks).
+"""
+
+from dks_jax import config_base
+
+
+def get_config(method=None):
+    c = config_base.cifar_resnet_recipe(config_base.base())
+    c.model, c.dataset = "cifar_resnet32", "cifar100"
+    return config_base.with_method(c, config_base.parse_preset(method, "dks", config_base.METHODS))

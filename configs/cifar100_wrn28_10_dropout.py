@@ -1,0 +1,13 @@
+"""DKS Table 1 (CIFAR-100): WRN-28-10 with dropout 0.3 after the first layer of every block.
+
+Usage: --config=configs/cifar100_wrn28_10_dropout.py:dks (the preset is the method; default dks).
+"""
+
+from dks_jax import config_base
+
+
+def get_config(method=None):
+    c = config_base.cifar_wrn_recipe(config_base.base())
+    c.model, c.dataset = "wrn28_10", "cifar100"
+    c.dropout = 0.3
+    return config_base.with_method(c, config_base.parse_preset(method, "dks", config_base.METHODS))

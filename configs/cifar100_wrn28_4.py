@@ -1,0 +1,12 @@
+"""DKS Table 1 (CIFAR-100): WRN-28-4 with baseline / ds / dks (and dsn, dhm, byot).
+
+Usage: --config=configs/cifar100_wrn28_4.py:dks (the preset is the method; default dks).
+"""
+
+from dks_jax import config_base
+
+
+def get_config(method=None):
+    c = config_base.cifar_wrn_recipe(config_base.base())
+    c.model, c.dataset = "wrn28_4", "cifar100"
+    return config_base.with_method(c, config_base.parse_preset(method, "dks", config_base.METHODS))
