@@ -1,0 +1,230 @@
+"""Input pipelines: TFDS and image folders, data on the accelerator or streamed, noisy labels.
+
+    ds = data.create(config, mesh)
+    for step, batch in zip(range(start, total), ds.train_iterator(batch_size, start_step=start)):
+        ...   # batch["image"] float32 [B, H, W, C], batch["label"] int32 [B], sharded over 'data'
+    for batch in ds.eval_iterator(batch_size):
+        ...   # plus batch["mask"] bool [B]: False on the padding of the last batch
+
+Config fields read (top level): ``dataset`` (TFDS name, or path to an image folder / .tar /
+.tar.gz), ``data_dir``, ``train_split``, ``eval_split``, ``loader`` (``auto`` | ``in_memory`` |
+``streaming``), ``augment`` (``cifar`` | ``imagenet_simple`` | ``imagenet_inception`` | ``none``),
+``image_size``, ``resize_mode`` (``both_sides`` | ``shorter_side``), ``cutout`` (0 = off),
+``label_noise`` (fraction of training labels replaced by another class), ``seed``.
+
+``loader='auto'`` picks ``in_memory`` when the images have one fixed size equal to
+``image_size``, the augmentation is ``cifar`` or ``none``, and both splits decoded take at most
+``IN_MEMORY_BYTES``; otherwise ``streaming``. Importing this package, and the in-memory loader
+on image folders, do not import TensorFlow.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+import numpy as np
+
+from dks_jax.data import noise as noise_lib
+from dks_jax.data import order, sources
+from dks_jax.data.sources import DataNotFoundError
+
+__all__ = ["create", "Dataset", "DataNotFoundError", "IN_MEMORY_BYTES"]
+
+IN_MEMORY_BYTES = 4 * 1024**3
+LOADERS = ("auto", "in_memory", "streaming")
+AUGMENTS = ("cifar", "imagenet_simple", "imagenet_inception", "none")
+
+log = logging.getLogger(__name__)
+
+
+def _get(config, name, default):
+    try:
+        value = config.get(name, default)
+    except AttributeError:
+        value = getattr(config, name, default)
+    return default if value is None else value
+
+
+class Dataset:
+    """A data set ready to iterate; built by ``create``.
+
+    Attributes:
+      num_classes, num_train, num_eval: sizes (from the source; TFDS: the builder's info).
+      image_shape: (H, W, C) of the batches' images.
+      loader: ``"in_memory"`` or ``"streaming"``.
+      label_noise_report: ``{"requested", "realised", "num_changed", "num_examples", "seed"}``,
+        or ``{}`` without label noise.
+      class_names, source: the classes (index order) and the ``sources.Source``.
+    """
+
+    def __init__(self, *, source, loader, impl, image_shape, noise, mesh, process_index,
+                 process_count, seed):
+        self.source = source
+        self.loader = loader
+        self._impl = impl
+        self.num_classes = source.num_classes
+        self.class_names = source.class_names
+        self.num_train = source.train.num_examples
+        self.num_eval = source.eval.num_examples
+        self.image_shape = tuple(image_shape)
+        self.label_noise_report = noise.report() if noise is not None else {}
+        self.mesh = mesh
+        self.seed = seed
+        import jax
+
+        self._process_count = jax.process_count() if process_count is None else process_count
+        self._process_index = process_index
+
+    def __repr__(self):
+        return (f"Dataset({self.source.name!r}, loader={self.loader!r}, "
+                f"num_train={self.num_train}, num_eval={self.num_eval}, "
+                f"image_shape={self.image_shape}, num_classes={self.num_classes})")
+
+    def steps_per_epoch(self, global_batch: int) -> int:
+        """``num_train // global_batch``: the remainder of each epoch's order is dropped."""
+        return order.steps_per_epoch(self.num_train, global_batch)
+
+    def _check(self, global_batch):
+        order.check_global_batch(global_batch, self.mesh, self._process_count)
+
+    def train_iterator(self, global_batch: int, *, start_step: int = 0):
+        """Endless iterator of training batches, from step ``start_step``.
+
+        Yields {"image": float32 [B, H, W, C], "label": int32 [B]}, global jax.Arrays with
+        ``NamedSharding(mesh, P('data'))``. The batch of step ``s`` depends only on
+        (seed, s // steps_per_epoch, s % steps_per_epoch).
+        """
+        self._check(global_batch)
+        self.steps_per_epoch(global_batch)
+        if self.loader == "in_memory":
+            impl = self._impl
+            return (impl.train_batch(global_batch, s) for s in itertools.count(int(start_step)))
+        return self._impl.train_iterator(global_batch, start_step=int(start_step))
+
+    def eval_iterator(self, global_batch: int):
+        """One pass over the eval split: {"image", "label", "mask"}; every example exactly once
+        over all processes and devices, the last batch padded (mask False, zero image, label 0).
+        """
+        self._check(global_batch)
+        if self.loader == "in_memory":
+            return self._impl.eval_batches(global_batch)
+        return self._impl.eval_iterator(global_batch)
+
+    def eval_steps(self, global_batch: int) -> int:
+        """Number of batches ``eval_iterator`` yields."""
+        self._check(global_batch)
+        if isinstance(self.source.eval, sources.SequentialSplit):
+            per_process = -(-self.num_eval // self._process_count)
+            return -(-per_process // (global_batch // self._process_count))
+        return -(-self.num_eval // global_batch)
+
+    def local_train_iterator(self, global_batch: int, *, start_step: int = 0):
+        """Streaming loader only: this process's part of each training batch, as NumPy."""
+        self._streaming_only("local_train_iterator")
+        return self._impl.local_train_batches(global_batch, start_step=start_step)
+
+    def local_eval_iterator(self, global_batch: int):
+        """Streaming loader only: this process's part of each eval batch, as NumPy."""
+        self._streaming_only("local_eval_iterator")
+        return self._impl.local_eval_batches(global_batch)
+
+    def _streaming_only(self, what):
+        if self.loader != "streaming":
+            raise ValueError(f"{what} exists for the streaming loader; the in_memory loader "
+                             "builds global batches on the devices")
+
+
+def create(config, mesh, *, process_index: int | None = None,
+           process_count: int | None = None) -> Dataset:
+    """Builds the data set the config describes, for ``mesh`` (axis ``'data'``).
+
+    ``process_index``/``process_count`` default to JAX's; tests override them to simulate one of
+    several processes (then the streaming loader offers only the ``local_*`` iterators).
+    """
+    dataset = _get(config, "dataset", None)
+    if not dataset:
+        raise ValueError("config.dataset is empty: set a TFDS name (cifar10, cifar100, "
+                         "imagenet2012) or the path of an image folder / .tar / .tar.gz")
+    dataset = str(dataset)
+    data_dir = _get(config, "data_dir", None) or None
+    train_split = str(_get(config, "train_split", "train"))
+    eval_split = str(_get(config, "eval_split",
+                          "validation" if dataset.startswith("imagenet") else "test"))
+    loader = str(_get(config, "loader", "auto"))
+    augment = str(_get(config, "augment", "cifar"))
+    image_size = int(_get(config, "image_size", 0) or 0)
+    resize_mode = str(_get(config, "resize_mode", "both_sides"))
+    cutout = int(_get(config, "cutout", 0) or 0)
+    fraction = float(_get(config, "label_noise", 0.0) or 0.0)
+    seed = int(_get(config, "seed", 0))
+    if loader not in LOADERS:
+        raise ValueError(f"config.loader must be one of {LOADERS}, not {loader!r}")
+    if augment not in AUGMENTS:
+        raise ValueError(f"config.augment must be one of {AUGMENTS}, not {augment!r}")
+    if resize_mode not in ("both_sides", "shorter_side"):
+        raise ValueError(f"config.resize_mode must be 'both_sides' or 'shorter_side', not "
+                         f"{resize_mode!r}")
+    if cutout < 0:
+        raise ValueError(f"config.cutout must be 0 (off) or a square size, not {cutout}")
+    order.data_axis_size(mesh)
+
+    source = sources.resolve(dataset, data_dir, train_split, eval_split)
+    fixed = source.image_shape
+    if not image_size:
+        image_size = fixed[0] if fixed is not None and fixed[0] == fixed[1] else 224
+    image_shape = (image_size, image_size, 3)
+    noise = None
+    if fraction > 0:
+        noise = noise_lib.label_noise(source.train.num_examples, source.num_classes, fraction,
+                                      seed)
+        log.info("label noise: %s", noise.report())
+
+    in_memory_ok, why = _in_memory_possible(source, augment, image_shape)
+    if loader == "auto":
+        loader = "in_memory" if in_memory_ok else "streaming"
+    elif loader == "in_memory" and not in_memory_ok:
+        raise ValueError(f"loader='in_memory' is not possible for {source.location}: {why}")
+
+    if loader == "in_memory":
+        from dks_jax.data.in_memory import InMemoryLoader
+
+        train_y = source.train.labels
+        if noise is not None:
+            train_y = noise.apply(train_y)
+        impl = InMemoryLoader(
+            mesh,
+            (source.train.decode_all(), train_y),
+            (source.eval.decode_all(), np.asarray(source.eval.labels, np.int32)),
+            augment=augment, cutout=cutout, mean=source.mean, std=source.std, seed=seed,
+        )
+    else:
+        from dks_jax.data.streaming import StreamingLoader
+
+        impl = StreamingLoader(
+            source, mesh, augment=augment, image_size=image_size, resize_mode=resize_mode,
+            cutout=cutout, mean=source.mean, std=source.std, seed=seed, noise=noise,
+            process_index=process_index, process_count=process_count,
+        )
+    ds = Dataset(source=source, loader=loader, impl=impl, image_shape=image_shape, noise=noise,
+                 mesh=mesh, process_index=process_index, process_count=process_count, seed=seed)
+    log.info("%r", ds)
+    return ds
+
+
+def _in_memory_possible(source, augment, image_shape) -> tuple[bool, str]:
+    fixed = source.image_shape
+    if augment not in ("cifar", "none"):
+        return False, f"augment={augment!r} needs the streaming loader"
+    if fixed is None:
+        return False, "its images do not have one fixed size"
+    if tuple(fixed[:2]) != tuple(image_shape[:2]):
+        return False, (f"its images are {sources._hwc(fixed)}, not image_size "
+                       f"{image_shape[0]}x{image_shape[1]}")
+    if not source.random_access:
+        return False, "it is too large to read into host memory"
+    total = (source.train.num_examples + source.eval.num_examples) * int(np.prod(fixed))
+    if total > IN_MEMORY_BYTES:
+        return False, (f"its decoded images take {total / 2**30:.1f} GiB, more than "
+                       f"IN_MEMORY_BYTES = {IN_MEMORY_BYTES / 2**30:.0f} GiB")
+    return True, ""

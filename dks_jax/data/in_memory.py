@@ -1,0 +1,188 @@
+"""The in-memory loader: the whole data set on the accelerators, augmented inside ``jax.jit``.
+
+The images are uint8 arrays ``[N, H, W, C]`` sharded over mesh axis ``'data'`` (each device holds
+``N / n`` of them); the labels (small) are replicated. Each step runs one jitted function that
+
+1. takes the step's ``B`` example indices from the epoch's permutation (``order.py``; uploaded
+   once per epoch),
+2. gathers the examples: each device picks the requested rows it holds, and a reduce-scatter
+   over ``'data'`` hands every device its ``B / n`` rows of the global batch,
+3. augments them (``augment='cifar'``: zero-pad 4, random ``H x W`` crop, horizontal flip; then
+   per-channel mean/std; optional Cutout, a ``cutout x cutout`` square of zeros after
+   normalisation, centred uniformly in the image and clipped at its border).
+
+The random numbers come from ``fold_in(fold_in(key(seed), epoch), step_in_epoch)`` and are drawn
+for the whole global batch, so the batch does not depend on the number of devices or processes.
+Nothing here imports TensorFlow.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from dks_jax.data import order
+
+PAD = 4
+
+
+def put_global(x: np.ndarray, mesh, spec: P) -> jax.Array:
+    """A host array (identical on every process) as a global array with ``NamedSharding``."""
+    sharding = NamedSharding(mesh, spec)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
+    extra = (-len(x)) % multiple
+    if not extra:
+        return x
+    return np.concatenate([x, np.zeros((extra, *x.shape[1:]), x.dtype)])
+
+
+def augment_params(key, global_batch: int, hw: tuple[int, int], *, augment: str,
+                   cutout: int) -> dict:
+    """Random parameters of one global batch (replicated; tiny)."""
+    k_crop, k_flip, k_cut = jax.random.split(key, 3)
+    params = {}
+    if augment == "cifar":
+        params["offset"] = jax.random.randint(k_crop, (global_batch, 2), 0, 2 * PAD + 1)
+        params["flip"] = jax.random.bernoulli(k_flip, 0.5, (global_batch,))
+    if cutout:
+        params["centre"] = jnp.stack(
+            [jax.random.randint(jax.random.fold_in(k_cut, i), (global_batch,), 0, hw[i])
+             for i in range(2)], axis=1)
+    return params
+
+
+def transform(images, params, *, augment: str, cutout: int, mean, std):
+    """uint8 [b, H, W, C] -> normalised float32 [b, H, W, C] with the given random parameters."""
+    b, h, w, c = images.shape
+    if augment == "cifar":
+        padded = jnp.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+        crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))
+        images = jax.vmap(crop)(padded, params["offset"])
+        images = jnp.where(params["flip"][:, None, None, None], images[:, :, ::-1], images)
+    scale = np.asarray(1.0 / (255.0 * np.asarray(std)), np.float32)
+    bias = np.asarray(-np.asarray(mean) / np.asarray(std), np.float32)
+    x = images.astype(jnp.float32) * scale + bias
+    if cutout:
+        x = x * cutout_mask(params["centre"], (h, w), cutout)[..., None]
+    return x
+
+
+def cutout_mask(centre, hw, size: int):
+    """float32 [b, H, W]: 0 inside the square [c - size//2, c - size//2 + size), else 1."""
+    lo = centre - size // 2
+    ys = jnp.arange(hw[0])[None, :]
+    xs = jnp.arange(hw[1])[None, :]
+    in_y = (ys >= lo[:, :1]) & (ys < lo[:, :1] + size)
+    in_x = (xs >= lo[:, 1:]) & (xs < lo[:, 1:] + size)
+    return 1.0 - (in_y[:, :, None] & in_x[:, None, :]).astype(jnp.float32)
+
+
+class InMemoryLoader:
+    """Holds both splits on the devices; builds global batches with one jitted call each.
+
+    Args:
+      mesh: the mesh; batches and images are sharded over its axis ``'data'``.
+      train, eval: (images uint8 [N, H, W, C], labels int32 [N]) on the host, identical on every
+        process (labels already with noise).
+      augment: ``'cifar'`` or ``'none'``.
+      cutout: square size, 0 = off.
+      mean, std: per-channel, in [0, 1] units.
+      seed: the run's seed (order and augmentation).
+    """
+
+    def __init__(self, mesh, train, eval, *, augment: str, cutout: int, mean, std, seed: int):
+        if augment not in ("cifar", "none"):
+            raise ValueError(
+                f"the in_memory loader supports augment='cifar' or 'none', not {augment!r} "
+                "(use loader='streaming' for the ImageNet augmentations)"
+            )
+        self.mesh = mesh
+        self.seed = int(seed)
+        n = order.data_axis_size(mesh)
+        (train_x, train_y), (eval_x, eval_y) = train, eval
+        self.num_train, self.num_eval = len(train_x), len(eval_x)
+        self.image_shape = tuple(train_x.shape[1:])
+        self._train_x = put_global(_pad_rows(train_x, n), mesh, P("data"))
+        self._eval_x = put_global(_pad_rows(eval_x, n), mesh, P("data"))
+        self._train_y = put_global(np.asarray(train_y, np.int32), mesh, P())
+        self._eval_y = put_global(np.asarray(eval_y, np.int32), mesh, P())
+        hw = self.image_shape[:2]
+        common = dict(mean=tuple(mean), std=tuple(std))
+        self._train_fn = _batch_fn(mesh, hw, augment=augment, cutout=int(cutout),
+                                   seed=self.seed, train=True, **common)
+        self._eval_fn = _batch_fn(mesh, hw, augment="none", cutout=0, seed=self.seed,
+                                  train=False, **common)
+        self._perm_epoch = None
+        self._perm = None
+
+    def train_batch(self, global_batch: int, step: int) -> dict:
+        spe = order.steps_per_epoch(self.num_train, global_batch)
+        epoch, i = divmod(int(step), spe)
+        if self._perm_epoch != epoch:
+            perm = order.epoch_permutation(self.seed, epoch, self.num_train)
+            self._perm = put_global(perm.astype(np.int32), self.mesh, P())
+            self._perm_epoch = epoch
+        return self._train_fn(self._train_x, self._train_y, self._perm, np.int32(epoch),
+                              np.int32(i), global_batch=global_batch)
+
+    def eval_batches(self, global_batch: int):
+        idx, _ = order.eval_indices(self.num_eval, global_batch)
+        for step_idx in idx:
+            yield self._eval_fn(self._eval_x, self._eval_y,
+                                put_global(step_idx.astype(np.int32), self.mesh, P()),
+                                np.int32(0), np.int32(0), global_batch=global_batch)
+
+
+def _batch_fn(mesh, hw, *, augment, cutout, mean, std, seed, train):
+    """jit(fn(images, labels, idx_source, epoch, i, *, global_batch)) -> dict of global arrays.
+
+    ``train``: ``idx_source`` is the epoch's permutation, the batch is entries [i*B, (i+1)*B);
+    eval: ``idx_source`` is the batch's indices, -1 = padding (mask False, zero image, label 0).
+    """
+
+    def per_device(shard, labels, idx, params):
+        n_local = shard.shape[0]
+        d = jax.lax.axis_index("data")
+        rel = idx - d * n_local
+        mine = (idx >= 0) & (rel >= 0) & (rel < n_local)
+        rows = jnp.take(shard, jnp.clip(rel, 0, n_local - 1), axis=0)
+        rows = jnp.where(mine[:, None, None, None], rows, jnp.zeros((), rows.dtype))
+        local = jax.lax.psum_scatter(rows, "data", scatter_dimension=0, tiled=True)
+        b = local.shape[0]
+        part = lambda a: jax.lax.dynamic_slice_in_dim(a, d * b, b, axis=0)
+        my_idx = part(idx)
+        valid = my_idx >= 0
+        label = jnp.where(valid, labels[jnp.clip(my_idx, 0, labels.shape[0] - 1)], 0)
+        x = transform(local, jax.tree.map(part, params), augment=augment, cutout=cutout,
+                      mean=mean, std=std)
+        x = jnp.where(valid[:, None, None, None], x, 0.0)
+        return x, label.astype(jnp.int32), valid
+
+    gather = jax.shard_map(
+        per_device, mesh=mesh, in_specs=(P("data"), P(), P(), P()),
+        out_specs=(P("data"), P("data"), P("data")),
+    )
+
+    @functools.partial(jax.jit, static_argnames=("global_batch",))
+    def fn(images, labels, idx_source, epoch, i, *, global_batch):
+        if train:
+            idx = jax.lax.dynamic_slice_in_dim(idx_source, i * global_batch, global_batch)
+        else:
+            idx = idx_source
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed % 2**32), epoch), i)
+        params = augment_params(key, global_batch, hw, augment=augment, cutout=cutout)
+        x, label, valid = gather(images, labels, idx, params)
+        out = {"image": x, "label": label}
+        if not train:
+            out["mask"] = valid
+        return out
+
+    return fn
