@@ -79,7 +79,8 @@ while [[ $# -gt 0 ]]; do
   case $arg in
     --gpus | --python | --env | --repo | --log-dir | --run-id)
       if [[ $has_val == 0 ]]; then
-        [[ $# -ge 2 ]] || die "option $arg needs a value"
+        # A VALUE that looks like an option means the value was forgotten.
+        [[ $# -ge 2 && $2 != --* ]] || die "option $arg needs a value"
         val=$2
         shift
       fi
@@ -151,8 +152,8 @@ cmd+=(${ENVS[@]+"${ENVS[@]}"} "$PYTHON" -m dks_jax.main --config="$CONFIG" --wor
   ${OVERRIDES[@]+"${OVERRIDES[@]}"})
 
 if [[ $DRY_RUN == 1 ]]; then
-  printf 'cd %s && %s 2>&1 | tee -a %s\n' "$(shquote "$REPO")" "$(quote_words "${cmd[@]}")" \
-    "$(shquote "$LOG")"
+  printf 'set -o pipefail; cd %s && mkdir -p %s && %s 2>&1 | tee -a %s\n' "$(shquote "$REPO")" \
+    "$(shquote "$LOG_DIR")" "$(quote_words "${cmd[@]}")" "$(shquote "$LOG")"
   exit 0
 fi
 cd "$REPO"

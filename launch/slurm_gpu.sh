@@ -109,7 +109,8 @@ while [[ $# -gt 0 ]]; do
       --job-name | --mem | --signal-grace | --sbatch-flag | --python | --setup | --env | --repo | \
       --log-dir)
       if [[ $has_val == 0 ]]; then
-        [[ $# -ge 2 ]] || die "option $arg needs a value"
+        # A VALUE that looks like an option means the value was forgotten.
+        [[ $# -ge 2 && ($2 != --* || $arg == --sbatch-flag) ]] || die "option $arg needs a value"
         val=$2
         shift
       fi

@@ -191,7 +191,11 @@ ENVS=()
 SUBCOMMAND=''
 POSITIONAL=()
 
-needs_value() { [[ $# -ge 2 ]] || die "option $1 needs a value"; }
+# '--opt VALUE': a VALUE that looks like an option means the value was forgotten (a flag for
+# gcloud create is given as --create-flag=--network=NET or --create-flag --network=NET).
+needs_value() {
+  [[ $# -ge 2 && ($2 != --* || $1 == --create-flag) ]] || die "option $1 needs a value"
+}
 
 while [[ $# -gt 0 ]]; do
   arg=$1
@@ -497,8 +501,9 @@ if [ \$# -gt 0 ]; then
 fi"
   fi
   sh+="
-rm -f /tmp/libtpu_lockfile 2>/dev/null || sudo -n rm -f /tmp/libtpu_lockfile || true
-if [ -e /tmp/libtpu_lockfile ]; then echo \"[worker \$w] could not remove /tmp/libtpu_lockfile\"; exit 1; fi
+lock=\${DKS_TPU_LOCKFILE:-/tmp/libtpu_lockfile}
+rm -f \"\$lock\" 2>/dev/null || sudo -n rm -f \"\$lock\" || true
+if [ -e \"\$lock\" ]; then echo \"[worker \$w] could not remove \$lock\"; exit 1; fi
 echo \"[worker \$w] no training process left; TPU lock file cleared\""
   printf '%s' "$sh"
 }
