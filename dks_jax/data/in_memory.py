@@ -116,10 +116,11 @@ class InMemoryLoader:
         self._eval_y = put_global(np.asarray(eval_y, np.int32), mesh, P())
         hw = self.image_shape[:2]
         common = dict(mean=tuple(mean), std=tuple(std))
-        self._train_fn = _batch_fn(mesh, hw, augment=augment, cutout=int(cutout),
-                                   seed=self.seed, train=True, **common)
-        self._eval_fn = _batch_fn(mesh, hw, augment="none", cutout=0, seed=self.seed,
-                                  train=False, **common)
+        # Memoised: data sets built alike (e.g. a resumed run) reuse the compiled functions.
+        self._train_fn = _batch_fn(mesh, hw, augment=augment, cutout=int(cutout), train=True,
+                                   **common)
+        self._eval_fn = _batch_fn(mesh, hw, augment="none", cutout=0, train=False, **common)
+        self._seed = np.uint32(self.seed % 2**32)
         self._perm_epoch = None
         self._perm = None
 
@@ -130,19 +131,20 @@ class InMemoryLoader:
             perm = order.epoch_permutation(self.seed, epoch, self.num_train)
             self._perm = put_global(perm.astype(np.int32), self.mesh, P())
             self._perm_epoch = epoch
-        return self._train_fn(self._train_x, self._train_y, self._perm, np.int32(epoch),
-                              np.int32(i), global_batch=global_batch)
+        return self._train_fn(self._train_x, self._train_y, self._perm, self._seed,
+                              np.int32(epoch), np.int32(i), global_batch=global_batch)
 
     def eval_batches(self, global_batch: int):
         idx, _ = order.eval_indices(self.num_eval, global_batch)
         for step_idx in idx:
             yield self._eval_fn(self._eval_x, self._eval_y,
                                 put_global(step_idx.astype(np.int32), self.mesh, P()),
-                                np.int32(0), np.int32(0), global_batch=global_batch)
+                                self._seed, np.int32(0), np.int32(0), global_batch=global_batch)
 
 
-def _batch_fn(mesh, hw, *, augment, cutout, mean, std, seed, train):
-    """jit(fn(images, labels, idx_source, epoch, i, *, global_batch)) -> dict of global arrays.
+@functools.lru_cache(maxsize=16)
+def _batch_fn(mesh, hw, *, augment, cutout, mean, std, train):
+    """jit(fn(images, labels, idx_source, seed, epoch, i, *, global_batch)) -> dict of arrays.
 
     ``train``: ``idx_source`` is the epoch's permutation, the batch is entries [i*B, (i+1)*B);
     eval: ``idx_source`` is the batch's indices, -1 = padding (mask False, zero image, label 0).
@@ -172,12 +174,12 @@ def _batch_fn(mesh, hw, *, augment, cutout, mean, std, seed, train):
     )
 
     @functools.partial(jax.jit, static_argnames=("global_batch",))
-    def fn(images, labels, idx_source, epoch, i, *, global_batch):
+    def fn(images, labels, idx_source, seed, epoch, i, *, global_batch):
         if train:
             idx = jax.lax.dynamic_slice_in_dim(idx_source, i * global_batch, global_batch)
         else:
             idx = idx_source
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed % 2**32), epoch), i)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), epoch), i)
         params = augment_params(key, global_batch, hw, augment=augment, cutout=cutout)
         x, label, valid = gather(images, labels, idx, params)
         out = {"image": x, "label": label}

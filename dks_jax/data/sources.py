@@ -550,8 +550,7 @@ def _read_tfds_records(builder, split, image_key, label_key, desc, num_examples)
 
 def _sequential_split(tfds, builder, split, image_key, label_key, desc, num_examples):
     instr = tfds.core.ReadInstruction.from_spec(split)
-    name2len = {k: int(v.num_examples) for k, v in builder.info.splits.items()}
-    absolute = instr.to_absolute(name2len)
+    absolute = instr.to_absolute(builder.info.splits)
     if len(absolute) != 1:
         raise ValueError(f"{desc}: the streaming loader reads one split or one slice of a "
                          f"split, not {split!r}")
