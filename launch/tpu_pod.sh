@@ -557,19 +557,23 @@ export ${kv%%=*}=$(shquote "${kv#*=}")"; done
 \"\$DKS_VENV/bin/python\" -m dks_jax.main $train
 echo \$? > \"\$DKS_RUN_BASE.status\""
 
-  local launcher wd
+  local launcher wd start_id
   wd=$(delimiter DKS_WRAPPER "$wrapper")
+  start_id=$(date -u +%Y%m%d%H%M%S)-$$-$RANDOM
   launcher="set -eu
 $REMOTE_PRELUDE
 logs=\$(abs $(shquote "$REMOTE_LOGS"))
 mkdir -p \"\$logs\"
 base=\$logs/$RUN_ID
-if [ ! -e \"\$base.sh\" ]; then
+# Started once per invocation: when gcloud retries a dropped ssh connection, this re-attaches.
+if [ \"\$(cat \"\$base.start\" 2>/dev/null || true)\" != $start_id ]; then
+  rm -f \"\$base.pid\" \"\$base.status\"
   cat > \"\$base.sh\" <<'$wd'
 $wrapper
 $wd
+  echo $start_id > \"\$base.start\"
   DKS_RUN_BASE=\$base DKS_APP_DIR=\$(abs $(shquote "$REMOTE_DIR")) DKS_VENV=\$(abs $(shquote "$VENV")) \\
-    setsid nohup sh \"\$base.sh\" > \"\$base.log\" 2>&1 < /dev/null &
+    setsid nohup sh \"\$base.sh\" >> \"\$base.log\" 2>&1 < /dev/null &
   ln -sfn $RUN_ID.log \"\$logs/latest.log\"
 fi
 i=0

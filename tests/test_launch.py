@@ -267,6 +267,34 @@ def test_tpu_worker_failure_status_is_reported_and_returned(sandbox):
     assert _reports(replay.stdout)[0]["argv"][0] == "--config=configs/demo.py:preset"
 
 
+def test_tpu_start_command_reattaches_when_repeated(sandbox):
+    """gcloud re-runs the command when ssh drops: that must re-attach, not start a second training."""
+    sb = sandbox
+    _make_workers(sb, 1)
+
+    def start_command():
+        printed = _run(TPU, "run", "--dry-run", "--run-id", "same", "configs/demo.py", "gs://b/x",
+                       env=sb["env"]).stdout
+        subprocess.run(["bash", "-c", printed], env=dict(sb["env"], FAKE_POD_ROOT=""), check=True)
+        return next(_command_of(c) for c in _calls(sb)[::-1] if "setsid nohup" in _command_of(c))
+
+    log = sb["pod_root"] / "w0" / "dks_logs" / "same.log"
+    env = dict(sb["env"], HOME=str(sb["pod_root"] / "w0"), DKS_WORKER_ID="0")
+    first = start_command()
+    try:
+        for _ in range(2):
+            out = subprocess.run(["sh", "-c", first], env=env, capture_output=True, text=True,
+                                 timeout=60)
+            assert out.returncode == 0 and len(_reports(out.stdout)) == 1, out.stdout + out.stderr
+        assert log.read_text().count("REPORT ") == 1  # trained once, shown twice
+        second = start_command()  # a new invocation with the same run id starts again
+        assert second != first
+        subprocess.run(["sh", "-c", second], env=env, capture_output=True, timeout=60, check=True)
+    finally:
+        _kill_workers(sb)
+    assert log.read_text().count("REPORT ") == 2
+
+
 def test_tpu_run_fail_fast_on_a_simulated_pod(sandbox):
     """Worker 0 fails, worker 1 hangs: every worker is stopped and run exits non-zero at once."""
     sb = sandbox
