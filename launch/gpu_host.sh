@@ -131,7 +131,8 @@ if [[ ${#OVERRIDES[@]} -gt 0 ]]; then
     [[ $o == --?* ]] || die "override '$o' is not a flag: write overrides as --config.field=value"
   done
 fi
-[[ -z $GPUS || $GPUS =~ ^[0-9]+(,[0-9]+)*$ ]] || die "--gpus expects a list such as 0,1,2,3, not '$GPUS'"
+gpus_re='^[0-9]+(,[0-9]+)*$' # (regexes with parentheses in variables: bash 3.2 reads them the same)
+[[ -z $GPUS || $GPUS =~ $gpus_re ]] || die "--gpus expects a list such as 0,1,2,3, not '$GPUS'"
 if [[ ${#ENVS[@]} -gt 0 ]]; then
   for kv in "${ENVS[@]}"; do
     [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env expects KEY=VALUE, got '$kv'"

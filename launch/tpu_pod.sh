@@ -296,7 +296,8 @@ case $SUBCOMMAND in
   *) die "unknown subcommand '$SUBCOMMAND' (expected create, setup, run, logs, stop or delete)" ;;
 esac
 [[ -n $NAME ]] || die "no TPU name: pass --name NAME or set TPU_NAME"
-[[ $NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] ||
+name_re='^[a-z]([-a-z0-9]*[a-z0-9])?$' # (in a variable: bash 3.2 reads it the same way)
+[[ $NAME =~ $name_re ]] ||
   die "bad TPU name '$NAME': lowercase letters, digits and hyphens, starting with a letter"
 for flag in SPOT RESERVED QUEUED; do
   [[ ${!flag} == 0 || ${!flag} == 1 ]] || die "TPU_$flag must be 0 or 1, not '${!flag}'"
