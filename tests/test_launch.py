@@ -457,10 +457,12 @@ def test_tpu_needs_a_name_and_gcloud(sandbox):
     del env["TPU_NAME"]
     result = _run(TPU, "stop", "--dry-run", env=env)
     assert result.returncode == 2 and "no TPU name" in result.stderr
-    env = dict(sandbox["env"], PATH="/usr/bin:/bin")
-    if shutil.which("gcloud", path=env["PATH"]) is None:
-        result = _run(TPU, "stop", env=env)
-        assert result.returncode == 2 and "gcloud not found" in result.stderr
+    bare = sandbox["tmp"] / "bare"  # a PATH with bash and dirname only
+    bare.mkdir()
+    for tool in ("bash", "dirname"):
+        os.symlink(shutil.which(tool), bare / tool)
+    result = _run(TPU, "stop", env=dict(sandbox["env"], PATH=str(bare)))
+    assert result.returncode == 2 and "gcloud not found" in result.stderr
     assert _run(TPU, "--help", env=sandbox["env"]).stdout.startswith("Usage: tpu_pod.sh")
 
 
