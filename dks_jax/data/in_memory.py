@@ -5,8 +5,9 @@ The images are uint8 arrays ``[N, H, W, C]`` sharded over mesh axis ``'data'`` (
 
 1. takes the step's ``B`` example indices from the epoch's permutation (``order.py``; uploaded
    once per epoch),
-2. gathers the examples: each device picks the requested rows it holds, and a reduce-scatter
-   over ``'data'`` hands every device its ``B / n`` rows of the global batch,
+2. gathers the examples: each device picks the requested rows it holds (zeros elsewhere), and
+   a reduce-scatter over ``'data'`` hands every device its ``B / n`` rows of the global batch
+   (``B x H x W x C`` bytes per device and step, sent as uint32 words),
 3. augments them (``augment='cifar'``: zero-pad 4, random ``H x W`` crop, horizontal flip; then
    per-channel mean/std; optional Cutout, a ``cutout x cutout`` square of zeros after
    normalisation, centred uniformly in the image and clipped at its border).
@@ -142,6 +143,22 @@ class InMemoryLoader:
                                 self._seed, np.int32(0), np.int32(0), global_batch=global_batch)
 
 
+def _reduce_scatter_bytes(rows):
+    """uint8 [B, ...] -> this device's [B / n, ...] of the sum over 'data' (one non-zero each).
+
+    The bytes travel as uint32 words (4 per word), a type every backend reduces, at the cost
+    of uint8: the sum is exact because each row is non-zero on exactly one device.
+    """
+    b, shape = rows.shape[0], rows.shape[1:]
+    flat = rows.reshape(b, -1)
+    size = flat.shape[1]
+    flat = jnp.pad(flat, ((0, 0), (0, (-size) % 4)))
+    words = jax.lax.bitcast_convert_type(flat.reshape(b, -1, 4), jnp.uint32)
+    words = jax.lax.psum_scatter(words, "data", scatter_dimension=0, tiled=True)
+    out = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(words.shape[0], -1)
+    return out[:, :size].reshape(words.shape[0], *shape)
+
+
 @functools.lru_cache(maxsize=16)
 def _batch_fn(mesh, hw, *, augment, cutout, mean, std, train):
     """jit(fn(images, labels, idx_source, seed, epoch, i, *, global_batch)) -> dict of arrays.
@@ -157,7 +174,7 @@ def _batch_fn(mesh, hw, *, augment, cutout, mean, std, train):
         mine = (idx >= 0) & (rel >= 0) & (rel < n_local)
         rows = jnp.take(shard, jnp.clip(rel, 0, n_local - 1), axis=0)
         rows = jnp.where(mine[:, None, None, None], rows, jnp.zeros((), rows.dtype))
-        local = jax.lax.psum_scatter(rows, "data", scatter_dimension=0, tiled=True)
+        local = _reduce_scatter_bytes(rows)
         b = local.shape[0]
         part = lambda a: jax.lax.dynamic_slice_in_dim(a, d * b, b, axis=0)
         my_idx = part(idx)

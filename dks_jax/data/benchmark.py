@@ -1,0 +1,167 @@
+"""Images per second of the input pipelines on this machine (printed, not a test).
+
+    python -m dks_jax.data.benchmark [--data_dir=../shared/data] [--seconds=8]
+
+Measures, on the default JAX devices (the host CPU unless an accelerator is present):
+
+* reading + decoding the CIFAR-10 JPEG archive (the in-memory loader's start-up),
+* the in-memory loader (gather + pad/crop/flip + normalise inside jit; and without augmentation),
+* the streaming loader on the same images (tf.data decode + augmentation),
+* the streaming loader on mock ImageNet (``tfds.testing.mock_data``, 500x375 JPEGs) at 224x224,
+  with the "simple" (resize 256x256, random crop 224, flip) and Inception-style augmentations,
+  and evaluation (resize + central crop).
+
+Each figure is global images per second after a warm-up (compilation, pipeline start).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import pathlib
+import platform
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+
+def _config(**kw):
+    import ml_collections
+
+    base = dict(dataset="cifar10", data_dir="", train_split="train", eval_split="test",
+                loader="auto", augment="cifar", image_size=32, resize_mode="both_sides",
+                cutout=0, label_noise=0.0, seed=0)
+    base.update(kw)
+    return ml_collections.ConfigDict(base)
+
+
+def _rate(iterator, batch, seconds, warmup=3):
+    for _ in range(warmup):
+        jax.block_until_ready(next(iterator))
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        out = next(iterator)
+        n += 1
+        if n % 8 == 0:
+            jax.block_until_ready(out)
+    jax.block_until_ready(out)
+    return n * batch / (time.perf_counter() - t0)
+
+
+def _mock_imagenet(tmp, num_train, num_eval):
+    """Context manager: mock TFDS imagenet2012 with realistic 500x375 JPEGs."""
+    import tensorflow as tf
+    import tensorflow_datasets as tfds
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = []
+    for _ in range(32):
+        small = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)
+        img = Image.fromarray(small).resize((500, 375), Image.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=90)
+        images.append(buf.getvalue())
+    shards = {"train": [num_train // 2, num_train - num_train // 2], "validation": [num_eval]}
+    builder = tfds.builder("imagenet2012", data_dir=tmp)
+    builder.info.set_splits(tfds.core.SplitDict([
+        tfds.core.SplitInfo(name=s, shard_lengths=v, num_bytes=0) for s, v in shards.items()]))
+    os.makedirs(builder.data_dir, exist_ok=True)
+    builder.info.write_to_directory(builder.data_dir)
+
+    def as_dataset(self, split, decoders=None, read_config=None, shuffle_files=False):
+        instructions = list(self.info.splits[split].file_instructions)
+        ids, labels, blobs = [], [], []
+        for fi in instructions:
+            for r in range(fi.skip, fi.skip + fi.take):
+                ids.append(f"{os.path.basename(fi.filename)}__{r}")
+                labels.append(r % 1000)
+                blobs.append(images[r % len(images)])
+        ex = {"image": tf.constant(blobs), "label": tf.constant(labels, tf.int64)}
+        if read_config is not None and read_config.add_tfds_id:
+            ex["tfds_id"] = tf.constant(ids)
+        return tf.data.Dataset.from_tensor_slices(ex)
+
+    return tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_FILES, data_dir=tmp,
+                                  as_dataset_fn=as_dataset)
+
+
+def main(argv=None):
+    from dks_jax import data
+    from dks_jax.data import sources
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    default_dir = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
+    parser.add_argument("--data_dir", default=str(default_dir),
+                        help="folder holding cifar10-jpeg.tar.gz")
+    parser.add_argument("--seconds", type=float, default=8.0, help="time per measurement")
+    parser.add_argument("--batch", type=int, default=128, help="CIFAR global batch")
+    parser.add_argument("--imagenet_batch", type=int, default=32, help="ImageNet global batch")
+    args = parser.parse_args(argv)
+
+    devices = jax.devices()
+    mesh = jax.make_mesh((len(devices),), ("data",),
+                         axis_types=(jax.sharding.AxisType.Explicit,), devices=devices)
+    print(f"# dks_jax.data benchmark — {platform.node()}, {os.cpu_count()} CPU cores, "
+          f"JAX {jax.__version__} on {len(devices)} x {devices[0].device_kind}")
+    print(f"# {time.strftime('%Y-%m-%d %H:%M')}; each figure: global images/s after warm-up")
+    rows = []
+
+    def report(name, value, unit="images/s"):
+        rows.append((name, value, unit))
+        print(f"{name:<70} {value:>9,.0f} {unit}", flush=True)
+
+    archive = sources.find_folder_copy("cifar10", args.data_dir, "train")
+    if archive is None:
+        print(f"no CIFAR-10 copy under {args.data_dir}: skipping the CIFAR-10 figures")
+    else:
+        t0 = time.perf_counter()
+        src = sources.image_folder(archive, "train", "test", name="cifar10")
+        t1 = time.perf_counter()
+        src.train.decode_all()
+        src.eval.decode_all()
+        t2 = time.perf_counter()
+        report("CIFAR-10: read archive in place (60,000 JPEGs)", 60_000 / (t1 - t0))
+        report("CIFAR-10: decode with PIL (in-memory start-up)", 60_000 / (t2 - t1))
+        b = args.batch
+        for name, kw in [
+            ("in_memory, augment=cifar (pad-crop-flip, normalise)", dict(augment="cifar")),
+            ("in_memory, augment=cifar + cutout 16", dict(augment="cifar", cutout=16)),
+            ("in_memory, augment=none", dict(augment="none")),
+            ("streaming, augment=cifar", dict(augment="cifar", loader="streaming")),
+            ("streaming, augment=none", dict(augment="none", loader="streaming")),
+        ]:
+            kw.setdefault("loader", "in_memory")
+            ds = data.create(_config(data_dir=args.data_dir, **kw), mesh)
+            report(f"CIFAR-10 train B={b}: {name}", _rate(ds.train_iterator(b), b, args.seconds))
+        ds = data.create(_config(data_dir=args.data_dir, loader="streaming"), mesh)
+        t0 = time.perf_counter()
+        n = sum(int(np.asarray(x["mask"]).sum()) for x in ds.eval_iterator(500))
+        report("CIFAR-10 eval B=500 (10,000 images, one pass): streaming",
+               n / (time.perf_counter() - t0))
+
+    b = args.imagenet_batch
+    with tempfile.TemporaryDirectory() as tmp, _mock_imagenet(tmp, 4096, 512):
+        for augment in ("imagenet_simple", "imagenet_inception"):
+            c = _config(dataset="imagenet2012", data_dir=tmp, eval_split="validation",
+                        augment=augment, image_size=224)
+            ds = data.create(c, mesh)
+            report(f"mock ImageNet 500x375 JPEG -> 224 B={b}: {augment}",
+                   _rate(ds.train_iterator(b), b, args.seconds))
+        c = _config(dataset="imagenet2012", data_dir=tmp, eval_split="validation",
+                    augment="imagenet_simple", image_size=224, resize_mode="shorter_side")
+        ds = data.create(c, mesh)
+        report(f"mock ImageNet -> 224 B={b}: imagenet_simple, shorter_side",
+               _rate(ds.train_iterator(b), b, args.seconds))
+        t0 = time.perf_counter()
+        n = sum(int(np.asarray(x["mask"]).sum()) for x in ds.eval_iterator(b))
+        report(f"mock ImageNet eval B={b} (resize, central 224 crop)",
+               n / (time.perf_counter() - t0))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
