@@ -1,0 +1,311 @@
+"""Layers shared by every family: PyTorch-style initialisation, BatchNorm with a statistics group
+size, dropout that draws from call-time RNGs, pooling, and an analytic multiply-add counter.
+
+Conventions (the papers trained in PyTorch; these reproduce its defaults):
+
+- Convolutions: no bias, Kaiming-normal init with ``mode='fan_out'`` (torchvision ResNet), explicit
+  symmetric padding ``(k - 1) // 2`` like ``nn.Conv2d(padding=k // 2)`` (Flax's ``'SAME'`` pads
+  stride-2 convolutions asymmetrically, PyTorch does not).
+- Fully connected layers: PyTorch's ``nn.Linear`` default, weight and bias ~ U(-1/sqrt(fan_in), +).
+- BatchNorm: PyTorch momentum 0.1 is Flax momentum 0.9 (decay of the running average), eps 1e-5;
+  running variance updated with the unbiased batch variance, as ``torch.nn.BatchNorm2d`` does.
+
+Parameters are always float32; ``dtype`` is the compute dtype (inputs and weights are cast to it).
+Every module keeps only ``nnx.Param`` and ``nnx.BatchStat`` leaves: no RNG state is stored.
+
+Multiply-adds (MACs) are counted analytically from the traced shapes: ``Conv`` and ``Linear`` add
+``output elements x fan-in`` per example while a :func:`count_macs` context is open (use it under
+``jax.eval_shape``; nothing is computed). Normalisation, activations, pooling and additions are not
+counted, as in the papers' FLOP figures (ResNet-18: 1.81 G).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+BN_MOMENTUM = 0.9  # Flax convention; PyTorch's momentum=0.1
+BN_EPSILON = 1e-5
+
+conv_kernel_init = jax.nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# ---------------------------------------------------------------------------------------------
+# Multiply-add counting.
+
+_MACS: contextvars.ContextVar[tuple[dict[str, int], str] | None] = contextvars.ContextVar(
+    "dks_jax_macs", default=None
+)
+
+
+@contextlib.contextmanager
+def count_macs() -> Iterator[dict[str, int]]:
+    """Collects per-example multiply-adds of the ``Conv``/``Linear`` calls traced inside.
+
+    Yields a dict ``scope -> MACs``; the scope is ``"main"`` unless :func:`mac_scope` sets another.
+    """
+    totals: dict[str, int] = {}
+    token = _MACS.set((totals, "main"))
+    try:
+        yield totals
+    finally:
+        _MACS.reset(token)
+
+
+@contextlib.contextmanager
+def mac_scope(scope: str) -> Iterator[None]:
+    """Attributes the multiply-adds traced inside to ``scope`` (no-op unless counting)."""
+    current = _MACS.get()
+    token = _MACS.set((current[0], scope)) if current is not None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _MACS.reset(token)
+
+
+def _add_macs(n: int) -> None:
+    current = _MACS.get()
+    if current is not None:
+        totals, scope = current
+        totals[scope] = totals.get(scope, 0) + int(n)
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers.
+
+
+class Conv(nnx.Module):
+    """2-D convolution, NHWC, square kernel, no bias (torchvision style)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int | None = None,
+        groups: int = 1,
+        dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        if in_features % groups or out_features % groups:
+            raise ValueError(f"groups={groups} must divide {in_features} and {out_features}")
+        shape = (kernel_size, kernel_size, in_features // groups, out_features)
+        self.kernel = nnx.Param(conv_kernel_init(rngs.params(), shape, jnp.float32))
+        self.in_features, self.out_features = in_features, out_features
+        self.kernel_size, self.stride, self.groups = kernel_size, stride, groups
+        self.padding = (kernel_size - 1) // 2 if padding is None else padding
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        p = self.padding
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype),
+            self.kernel[...].astype(self.dtype),
+            window_strides=(self.stride, self.stride),
+            padding=((p, p), (p, p)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=self.groups,
+        )
+        fan_in = self.kernel_size * self.kernel_size * self.in_features // self.groups
+        _add_macs(math.prod(y.shape[1:]) * fan_in)
+        return y
+
+
+def _torch_linear_init(fan_in: int):
+    bound = 1.0 / math.sqrt(fan_in)
+    return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+class Linear(nnx.Module):
+    """Fully connected layer with PyTorch's default initialisation."""
+
+    def __init__(self, in_features: int, out_features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        init = _torch_linear_init(in_features)
+        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features)))
+        self.bias = nnx.Param(init(rngs.params(), (out_features,)))
+        self.in_features, self.out_features = in_features, out_features
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x.astype(self.dtype) @ self.kernel[...].astype(self.dtype)
+        _add_macs(self.in_features * self.out_features)
+        return y + self.bias[...].astype(self.dtype)
+
+
+class BatchNorm(nnx.Module):
+    """BatchNorm over the last axis with statistics computed in groups of ``group_size`` examples.
+
+    Training: the batch ``[B, ...]`` is viewed as ``[B // g, g, ...]``; every group of ``g``
+    consecutive examples is normalised with its own mean and (biased) variance, as ``g`` examples
+    per GPU were in the papers' multi-GPU runs. ``group_size=None`` uses the whole batch. The
+    running statistics move towards the mean over groups of the group means and of the unbiased
+    group variances. Evaluation uses the running statistics. Statistics are computed in float32.
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        *,
+        group_size: int | None = None,
+        zero_init: bool = False,
+        momentum: float = BN_MOMENTUM,
+        epsilon: float = BN_EPSILON,
+        dtype=jnp.float32,
+    ):
+        if group_size is not None and group_size < 1:
+            raise ValueError(f"bn group size must be >= 1 or None, got {group_size}")
+        self.scale = nnx.Param((jnp.zeros if zero_init else jnp.ones)((num_features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((num_features,), jnp.float32))
+        self.mean = nnx.BatchStat(jnp.zeros((num_features,), jnp.float32))
+        self.var = nnx.BatchStat(jnp.ones((num_features,), jnp.float32))
+        self.num_features = num_features
+        self.group_size, self.momentum, self.epsilon = group_size, momentum, epsilon
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        xf = x.astype(jnp.float32)
+        if train:
+            batch = x.shape[0]
+            g = batch if self.group_size is None else self.group_size
+            if batch % g:
+                raise ValueError(
+                    f"batch of {batch} examples does not split into BatchNorm groups of {g} "
+                    "(set bn_group_size to a divisor of the per-device batch, or None)"
+                )
+            xg = xf.reshape((batch // g, g) + x.shape[1:])
+            axes = tuple(range(1, xg.ndim - 1))
+            mean = jnp.mean(xg, axis=axes, keepdims=True)
+            var = jnp.maximum(jnp.mean(jnp.square(xg), axis=axes, keepdims=True) - mean**2, 0.0)
+            y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+            n = g * math.prod(x.shape[1:-1])
+            group_mean = mean.reshape(-1, x.shape[-1]).mean(axis=0)
+            group_var = var.reshape(-1, x.shape[-1]).mean(axis=0) * (n / max(n - 1, 1))
+            m = self.momentum
+            self.mean[...] = m * self.mean[...] + (1.0 - m) * group_mean
+            self.var[...] = m * self.var[...] + (1.0 - m) * group_var
+        else:
+            y = (xf - self.mean[...]) * jax.lax.rsqrt(self.var[...] + self.epsilon)
+        return (y * self.scale[...] + self.bias[...]).astype(self.dtype)
+
+
+class ConvBN(nnx.Module):
+    """Conv -> BatchNorm -> optional ReLU (post-activation unit)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        groups: int = 1,
+        relu: bool = True,
+        zero_init: bool = False,
+        cfg: LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        self.conv = Conv(
+            in_features, out_features, kernel_size, stride=stride, groups=groups,
+            dtype=cfg.dtype, rngs=rngs,
+        )
+        self.bn = cfg.bn(out_features, zero_init=zero_init)
+        self.relu = relu
+        self.out_features = out_features
+
+    def __call__(self, x, *, train: bool, rngs: nnx.Rngs | None = None):
+        y = self.bn(self.conv(x), train=train)
+        return jax.nn.relu(y) if self.relu else y
+
+
+class NormAct(nnx.Module):
+    """BatchNorm -> ReLU (the final norm of pre-activation networks)."""
+
+    def __init__(self, num_features: int, *, cfg: LayerConfig):
+        self.bn = cfg.bn(num_features)
+        self.out_features = num_features
+
+    def __call__(self, x, *, train: bool, rngs: nnx.Rngs | None = None):
+        return jax.nn.relu(self.bn(x, train=train))
+
+
+class KeySeq:
+    """Per-layer initialisation keys ``fold_in(key, 0), fold_in(key, 1), ...``.
+
+    Builders call ``keys.params()`` like ``nnx.Rngs.params()``. ``create`` draws one key from the
+    caller's ``nnx.Rngs`` and hands the layers this sequence instead: mutating an ``nnx.Rngs``
+    counter thousands of times inside ``nnx.eval_shape``/``jit`` costs time quadratic in the trace
+    (ResNet-1202: a minute), a Python counter costs nothing.
+    """
+
+    def __init__(self, key: jax.Array):
+        self.key = key
+        self.count = 0
+
+    def params(self) -> jax.Array:
+        key = jax.random.fold_in(self.key, self.count)
+        self.count += 1
+        return key
+
+
+class LayerConfig:
+    """Build-time settings passed to every layer: compute dtype and BN statistics group size."""
+
+    def __init__(self, dtype=jnp.float32, bn_group_size: int | None = None):
+        self.dtype = dtype
+        self.bn_group_size = bn_group_size
+
+    def bn(self, num_features: int, *, zero_init: bool = False) -> BatchNorm:
+        return BatchNorm(
+            num_features, group_size=self.bn_group_size, zero_init=zero_init, dtype=self.dtype
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Functions.
+
+
+def dropout(x: jax.Array, rate: float, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
+    """Inverted dropout drawing its mask from ``rngs.dropout()``; identity unless training."""
+    if not train or rate == 0.0:
+        return x
+    if rngs is None:
+        raise ValueError(
+            "this model uses dropout: call it with rngs=nnx.Rngs(dropout=key) when train=True"
+        )
+    try:
+        key = rngs.dropout()
+    except AttributeError as e:
+        raise ValueError("dropout needs an RNG stream named 'dropout' in rngs") from e
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def max_pool(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
+    """``nn.MaxPool2d(kernel, stride, padding)`` on NHWC (padding never wins the max)."""
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    init = jnp.array(-jnp.inf, x.dtype)
+    return jax.lax.reduce_window(
+        x, init, jax.lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1), pad
+    )
+
+
+def avg_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
+    """``nn.AvgPool2d(kernel, stride, padding)`` on NHWC (zero padding counted, PyTorch default)."""
+    pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
+    total = jax.lax.reduce_window(
+        x.astype(jnp.float32), 0.0, jax.lax.add, (1, kernel, kernel, 1), (1, stride, stride, 1), pad
+    )
+    return (total / (kernel * kernel)).astype(x.dtype)
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+    """Mean over the spatial axes of NHWC, accumulated in float32: [B, H, W, C] -> [B, C]."""
+    return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
