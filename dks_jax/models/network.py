@@ -1,0 +1,123 @@
+"""The generic classifier: a family's stem and stages, its final norm, a classifier, and branches.
+
+Submodule names of the main path (``stem``, ``stages``, ``head_norm``, ``fc``) never depend on the
+auxiliary branches, which all live under ``branches``: the exported (inference) model is the state
+minus the ``branches`` subtree, and a model built with ``aux="none"`` has exactly that state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dks_jax.models import layers
+from dks_jax.models.branches import Branch, BranchSpec, Family, StageSpec, build_stage, run_stage
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A registry entry: family, main-path stages, and the branch designs per ``aux`` value.
+
+    aux: ``aux`` name -> every available branch of that design, deepest first (C2, C3, C4).
+    options: default family keyword arguments (``create(**overrides)`` replaces them).
+    image_size: the input size the model was designed for (32 CIFAR, 224 ImageNet).
+    reference: ``(num_classes, published count and source)`` the main path was checked against.
+    """
+
+    family: type
+    stages: tuple[StageSpec, ...]
+    aux: Mapping[str, tuple[BranchSpec, ...]]
+    options: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    image_size: int = 32
+    reference: tuple[int, str] = (0, "")
+
+
+class Network(nnx.Module):
+    """Backbone + auxiliary classifiers.
+
+    ``model(x, train=False, rngs=None)`` takes NHWC images of any float dtype and returns a tuple of
+    float32 logits ``(main, deepest aux, ..., shallowest aux)``.
+    """
+
+    def __init__(
+        self,
+        family: Family,
+        stages: tuple[StageSpec, ...],
+        branches: tuple[BranchSpec, ...],
+        num_classes: int,
+        *,
+        cfg: layers.LayerConfig,
+        rngs: nnx.Rngs,
+    ):
+        self.dtype = cfg.dtype
+        self.num_classes = num_classes
+        self.stem = family.stem(cfg, rngs)
+        self.stages = nnx.List()
+        ch = self.stem.out_features
+        # channels after every block: {(stage, blocks done): channels}
+        channels = {}
+        for index, spec in enumerate(stages):
+            stage = build_stage(family, index, ch, spec, cfg, rngs)
+            for b, block in enumerate(stage):
+                channels[(index, b + 1)] = block.out_features
+            ch = stage[-1].out_features
+            self.stages.append(stage)
+        self.head_norm = family.head_norm(ch, cfg)
+        self.fc = layers.Linear(ch, num_classes, dtype=cfg.dtype, rngs=rngs)
+
+        taps = []
+        self.branches = nnx.List()
+        for spec in branches:
+            tap = self._tap(spec.after)
+            if tap not in channels:
+                raise ValueError(f"branch {spec.name} forks at {spec.after}: no such position")
+            taps.append(tap)
+            self.branches.append(
+                Branch(family, spec, channels[tap], num_classes, cfg=cfg, rngs=rngs)
+            )
+        self.taps = tuple(taps)
+        self.head_names = ("C1",) + tuple(spec.name for spec in branches)
+
+    def _tap(self, after: int | tuple[int, int]) -> tuple[int, int]:
+        if isinstance(after, int):
+            return (after, len(self.stages[after]))
+        return tuple(after)
+
+    @property
+    def num_heads(self) -> int:
+        return 1 + len(self.branches)
+
+    def features(
+        self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+    ) -> tuple[jax.Array, dict[tuple[int, int], jax.Array]]:
+        """Main path up to its last feature map [B, H, W, C], and the feature maps at the taps."""
+        x = self.stem(jnp.asarray(x).astype(self.dtype), train=train, rngs=rngs)
+        wanted = set(self.taps)
+        tapped = {}
+        for s, stage in enumerate(self.stages):
+            if not any(t[0] == s and t[1] < len(stage) for t in wanted):
+                x = run_stage(stage, x, train=train, rngs=rngs)
+            else:  # a branch forks inside this stage
+                for b, block in enumerate(stage):
+                    x = block(x, train=train, rngs=rngs)
+                    if (s, b + 1) in wanted:
+                        tapped[(s, b + 1)] = x
+            if (s, len(stage)) in wanted:
+                tapped[(s, len(stage))] = x
+        return x, tapped
+
+    def __call__(
+        self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+    ) -> tuple[jax.Array, ...]:
+        x, tapped = self.features(x, train=train, rngs=rngs)
+        if self.head_norm is not None:
+            x = self.head_norm(x, train=train)
+        logits = [self.fc(layers.global_avg_pool(x))]
+        for i, (tap, branch) in enumerate(zip(self.taps, self.branches, strict=True)):
+            with layers.mac_scope(f"branches/{i}"):
+                logits.append(branch(tapped[tap], train=train, rngs=rngs))
+        return tuple(z.astype(jnp.float32) for z in logits)
