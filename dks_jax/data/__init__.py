@@ -23,6 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 
+import jax
 import numpy as np
 
 from dks_jax.data import noise as noise_lib
@@ -71,8 +72,6 @@ class Dataset:
         self.label_noise_report = noise.report() if noise is not None else {}
         self.mesh = mesh
         self.seed = seed
-        import jax
-
         self._process_count = jax.process_count() if process_count is None else process_count
         self._process_index = process_index
 
