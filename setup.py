@@ -32,5 +32,7 @@ setup(
         "tf": ["tensorflow-cpu"],
         "test": ["pytest", "pytest-xdist", "ruff", "matplotlib"],
         "plots": ["matplotlib"],
+        # gs:// paths without TensorFlow (with it, epath goes through tf.io.gfile).
+        "gcs": ["gcsfs"],
     },
 )

@@ -20,6 +20,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 def _is_multiprocess() -> bool:
+    """True on a worker of a multi-process job. launch/*.sh set DKS_DISTRIBUTED=1 on TPU pod
+    workers and SLURM nodes (TPU VMs set no variable that says so)."""
+    if os.environ.get("DKS_DISTRIBUTED") == "1":
+        return True
     if os.environ.get("SLURM_NTASKS", "1") not in ("", "1"):
         return True
     if "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):

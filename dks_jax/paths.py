@@ -10,12 +10,13 @@ REMOTE_PREFIXES = ("gs://", "s3://")
 
 
 def as_path(path: str | os.PathLike) -> epath.Path:
-    """An ``epath.Path`` for a local path (``~`` expanded) or a ``gs://bucket/dir`` URL (kept intact)."""
+    """An ``epath.Path``: a local path made absolute (``~`` expanded), or a ``gs://`` URL kept intact."""
     if isinstance(path, epath.Path):
         return path
     text = os.fspath(path)
     if not is_remote(text):
-        text = os.path.expanduser(text)
+        # Orbax needs absolute paths.
+        text = os.path.abspath(os.path.expanduser(text))
     return epath.Path(text)
 
 

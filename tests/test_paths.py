@@ -113,10 +113,6 @@ def test_checkpoints_are_moved_aside_on_gs(fake_gcs):
     assert all(url.startswith("gs://bucket/runs/a") for url in seen)
 
 
-@pytest.mark.xfail(reason="paths.as_path keeps a relative local path relative, and Orbax refuses "
-                          "relative checkpoint paths ('Checkpoint path should be absolute'): "
-                          "--workdir=workdirs/x fails at the first save unless as_path makes "
-                          "local paths absolute", strict=False)
 def test_relative_local_workdir_becomes_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     workdir = paths.as_path("workdirs/r1")

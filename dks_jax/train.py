@@ -1,0 +1,453 @@
+"""``train_and_evaluate(config, workdir)``: wires data, model, objective, optimizer, checkpoints, metrics.
+
+The train state is an explicit pytree of plain arrays::
+
+    {"step": int32[], "params": {...}, "batch_stats": {...}, "opt_state": ..., "best_top1": float32[]}
+
+``nnx.split`` runs once before the loop; the jitted step merges the model from the state, so it is a
+pure function ``(state, batch) -> (state, metrics)`` that donates, shards and checkpoints like any
+pytree. The state is replicated over the mesh, batches are split over its ``'data'`` axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import signal
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from dks_jax import checkpointing, config_base, data, losses, metrics, models, optim, parallel, paths
+
+# Fields that decide the shapes of the train state: a workdir whose checkpoints were written with
+# other values belongs to another run.
+STATE_FIELDS = ("model", "aux", "branches", "num_classes", "dataset", "optimizer", "momentum")
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ---- set-up -------------------------------------------------------------------------------------
+
+
+def validate_config(config) -> None:
+    """Fails fast, listing the valid values, on an unknown model, method, dtype or schedule."""
+    if config.model not in models.names():
+        raise ValueError(f"Unknown config.model={config.model!r}; valid: {', '.join(models.names())}.")
+    if config.method not in config_base.METHODS:
+        raise ValueError(
+            f"Unknown config.method={config.method!r}; valid: {', '.join(config_base.METHODS)}."
+        )
+    if config.dtype not in DTYPES:
+        raise ValueError(f"Unknown config.dtype={config.dtype!r}; valid: {', '.join(DTYPES)}.")
+    if config.lr_schedule not in optim.SCHEDULES:
+        raise ValueError(
+            f"Unknown config.lr_schedule={config.lr_schedule!r}; valid: {', '.join(optim.SCHEDULES)}."
+        )
+    if config.method == "kd" and not config.loss.teacher_checkpoint:
+        raise ValueError("config.method='kd' needs --config.loss.teacher_checkpoint=<export folder>.")
+    if config.num_epochs <= 0 or config.batch_size <= 0:
+        raise ValueError("config.num_epochs and config.batch_size must be positive.")
+
+
+def create_model(config, num_classes: int, *, aux: str | None = None, seed: int | None = None):
+    kwargs = {}
+    if config.dropout:
+        kwargs["dropout"] = config.dropout
+    if config.zero_init_residual:
+        kwargs["zero_init_residual"] = True
+    return models.create(
+        config.model,
+        num_classes,
+        aux=config.aux if aux is None else aux,
+        rngs=nnx.Rngs(config.seed if seed is None else seed),
+        dtype=DTYPES[config.dtype],
+        branches=config.branches or None,
+        bn_group_size=config.bn_group_size or None,
+        **kwargs,
+    )
+
+
+def objective_spec(config, num_heads: int, steps_per_epoch: int, total_steps: int):
+    loss = config.loss
+    return losses.ObjectiveSpec(
+        method=config.method,
+        num_heads=num_heads,
+        alpha=loss.alpha,
+        beta=loss.beta,
+        pairs=loss.pairs,
+        temperature=loss.temperature,
+        divergence=loss.divergence,
+        label_smoothing=loss.label_smoothing,
+        gamma=loss.gamma,
+        dsn_companion=loss.dsn_companion,
+        dsn_zero_fraction=loss.dsn_zero_fraction,
+        mimic_prob=loss.mimic_prob,
+        kd_weight=loss.kd_weight,
+        kd_heads=tuple(loss.kd_heads),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+    )
+
+
+def _pure(state) -> dict:
+    return state.to_pure_dict()
+
+
+def initial_state(model, tx) -> tuple[nnx.GraphDef, dict]:
+    """``(graphdef, state)`` of a freshly initialised model and optimizer."""
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, batch_stats = _pure(params), _pure(batch_stats)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "batch_stats": batch_stats,
+        "opt_state": tx.init(params),
+        "best_top1": jnp.full((), -1.0, jnp.float32),
+    }
+    return graphdef, state
+
+
+def load_teacher(config, num_classes: int):
+    """The KD teacher: ``(graphdef, state)`` from an export written by this code, read-only."""
+    path = paths.as_path(config.loss.teacher_checkpoint)
+    if (path / "export").exists():
+        path = path / "export"
+    teacher, meta = load_exported_model(path, dtype=DTYPES[config.dtype])
+    if config.loss.teacher_model and config.loss.teacher_model != meta["model"]:
+        raise ValueError(
+            f"config.loss.teacher_model={config.loss.teacher_model!r} but the export at {path} "
+            f"holds {meta['model']!r}."
+        )
+    if meta["num_classes"] != num_classes:
+        raise ValueError(
+            f"The teacher at {path} has {meta['num_classes']} classes, the data set {num_classes}."
+        )
+    graphdef, state = nnx.split(teacher)
+    return graphdef, _pure(state)
+
+
+# ---- the step -----------------------------------------------------------------------------------
+
+
+def make_train_step(graphdef, tx, schedule, spec, seed: int, teacher_graphdef=None):
+    """The pure training step ``(state, batch[, teacher_state]) -> (state, metrics)``."""
+    base_key = jax.random.key(seed)
+    dropout_base = jax.random.fold_in(base_key, 1)
+    objective_key = jax.random.fold_in(base_key, 2)  # constant: objective folds in the epoch
+
+    def step_fn(state, batch, teacher_state=None):
+        step = state["step"]
+        images, labels = batch["image"], batch["label"]
+        teacher_logits = None
+        if teacher_graphdef is not None:
+            teacher = nnx.merge(teacher_graphdef, teacher_state)
+            teacher_logits = jax.lax.stop_gradient(teacher(images, train=False)[0])
+
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params, state["batch_stats"])
+            rngs = nnx.Rngs(dropout=jax.random.fold_in(dropout_base, step))
+            logits = model(images, train=True, rngs=rngs)
+            loss, terms = losses.objective(
+                logits, labels, spec=spec, step=step, rng=objective_key,
+                teacher_logits=teacher_logits,
+            )
+            return loss, (terms, logits, _pure(nnx.state(model, nnx.BatchStat)))
+
+        (loss, (terms, logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            state["params"]
+        )
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new_state = dict(state, step=step + 1, params=params, batch_stats=batch_stats,
+                         opt_state=opt_state)
+        out = {"loss": loss, "lr": schedule(step), "grad_norm": optax.global_norm(grads),
+               "param_norm": optax.global_norm(params)}
+        out.update({f"loss/{k}": v for k, v in terms.items()})
+        for i, z in enumerate(logits):
+            out[f"train_top1/{head_name(i)}"] = jnp.mean(jnp.argmax(z, -1) == labels)
+        return new_state, out
+
+    return step_fn
+
+
+def head_name(i: int) -> str:
+    """Head ``i`` in the DKS paper's names: C1 is the main classifier, C2... the auxiliaries."""
+    return f"C{i + 1}"
+
+
+def make_eval_step(graphdef):
+    """Sums over a masked batch: correct top-1/top-5 of every head and of the ensemble, and count."""
+
+    def eval_fn(state, batch):
+        model = nnx.merge(graphdef, state["params"], state["batch_stats"])
+        logits = model(batch["image"], train=False)
+        labels, mask = batch["label"], batch["mask"]
+        heads = {head_name(i): z for i, z in enumerate(logits)}
+        if len(logits) > 1:
+            heads["ensemble"] = jnp.log(jnp.mean(jnp.stack([jax.nn.softmax(z) for z in logits]), 0))
+        sums = {"count": jnp.sum(mask)}
+        for name, z in heads.items():
+            top5 = jax.lax.top_k(z, min(5, z.shape[-1]))[1]
+            sums[f"top1/{name}"] = jnp.sum((top5[:, 0] == labels) & mask)
+            sums[f"top5/{name}"] = jnp.sum(jnp.any(top5 == labels[:, None], -1) & mask)
+        return sums
+
+    return eval_fn
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+
+
+class _Preemption:
+    """SIGTERM (a preemption notice on most clusters) sets a flag; the loop saves and exits.
+
+    Single process only: with several processes JAX's own handler must see the signal, so that
+    every process reaches the same preemption sync point (``Checkpoints.reached_preemption``).
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("Received signal %d: saving a checkpoint and exiting.", signum)
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class _Pending:
+    """Metrics of the steps since the last log, still on the devices (no host sync per step)."""
+
+    first_step: int
+    items: list = dataclasses.field(default_factory=list)
+
+
+def _check_workdir(config, workdir, ckpts: checkpointing.Checkpoints) -> checkpointing.Checkpoints:
+    """Refuses a workdir holding another model's checkpoints unless ``start_over`` (then moves aside)."""
+    saved = workdir / "config.json"
+    has_checkpoints = bool(ckpts.all_steps())
+    if has_checkpoints and saved.exists():
+        old = json.loads(saved.read_text())
+        diff = {k: (old.get(k), _jsonable(config[k])) for k in STATE_FIELDS
+                if old.get(k) != _jsonable(config[k])}
+        if diff and not config.start_over:
+            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise checkpointing.CheckpointError(
+                f"{workdir} holds checkpoints of a different run ({changes}). "
+                "Use another --workdir, or set --config.start_over=True to move them aside "
+                "(kept under previous-N/) and start anew."
+            )
+    if config.start_over and has_checkpoints:
+        ckpts.close()
+        moved = checkpointing.move_aside(workdir)
+        logging.warning("start_over: moved the previous run's checkpoints to %s", moved)
+        return checkpointing.Checkpoints(workdir, max_to_keep=config.max_to_keep,
+                                         async_save=config.async_checkpointing)
+    return ckpts
+
+
+def _jsonable(value):
+    return json.loads(json.dumps(value.to_dict() if hasattr(value, "to_dict") else value))
+
+
+def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None = None) -> dict:
+    """Trains ``config`` in ``workdir`` (resuming from its latest checkpoint) and evaluates.
+
+    Returns the final evaluation metrics (top-1/top-5 in %, per head and ensemble). ``mesh``: the
+    devices to use (default: every device of every process, ``parallel.create_mesh()``).
+    ``stop_at_step`` stops as a preemption would at that step (a checkpoint is saved): for tests and
+    debugging.
+    """
+    validate_config(config)
+    workdir = paths.as_path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    mesh = mesh or parallel.create_mesh()
+    parallel.check_batch_size(config.batch_size, mesh)
+    eval_batch = config.eval_batch_size or config.batch_size
+    parallel.check_batch_size(eval_batch, mesh, name="eval_batch_size")
+
+    dataset = data.create(config, mesh)
+    num_classes = config.num_classes or dataset.num_classes
+    steps_per_epoch = dataset.steps_per_epoch(config.batch_size)
+    total_steps = optim.total_steps(config, steps_per_epoch)
+    every = lambda epochs: max(1, int(round(epochs * steps_per_epoch)))
+    eval_every, ckpt_every = every(config.eval_every_epochs), every(config.checkpoint_every_epochs)
+
+    model = create_model(config, num_classes)
+    num_heads = model.num_heads
+    tx, schedule = optim.create_optimizer(config, steps_per_epoch)
+    graphdef, state = initial_state(model, tx)
+    del model
+    spec = objective_spec(config, num_heads, steps_per_epoch, total_steps)
+    teacher_graphdef, teacher_state = None, None
+    if config.method == "kd":
+        teacher_graphdef, teacher_state = load_teacher(config, num_classes)
+        teacher_state = parallel.replicate(teacher_state, mesh)
+
+    ckpts = checkpointing.Checkpoints(workdir, max_to_keep=config.max_to_keep,
+                                      async_save=config.async_checkpointing)
+    ckpts = _check_workdir(config, workdir, ckpts)
+    state = parallel.replicate(state, mesh)
+    restored = ckpts.restore(checkpointing.abstract(state))
+    if restored is not None:
+        state = restored[1]
+        logging.info("Resumed from step %d in %s", restored[0], ckpts.directory)
+    start_step = int(jax.device_get(state["step"]))
+    if jax.process_index() == 0:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+
+    writer = metrics.create_writer(workdir)
+    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    summary = {"num_params": n_params, "num_heads": num_heads, "steps_per_epoch": steps_per_epoch,
+               "total_steps": total_steps, "num_devices": mesh.devices.size,
+               "num_train": dataset.num_train, "num_eval": dataset.num_eval}
+    summary.update({f"label_noise/{k}": v for k, v in dataset.label_noise_report.items()})
+    logging.info("Run: %s", summary)
+    if start_step == 0:
+        writer.write_scalars(0, summary)
+
+    train_step = jax.jit(
+        make_train_step(graphdef, tx, schedule, spec, config.seed, teacher_graphdef),
+        donate_argnums=0,
+    )
+    eval_step = jax.jit(make_eval_step(graphdef))
+
+    def evaluate(state) -> dict:
+        totals = None
+        for batch in dataset.eval_iterator(eval_batch):
+            sums = eval_step(state, batch)
+            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        totals = jax.device_get(totals)
+        count = int(totals.pop("count"))
+        result = {f"eval_{k}": 100.0 * float(v) / count for k, v in totals.items()}
+        result["eval_count"] = count
+        return result
+
+    pending = _Pending(first_step=start_step)
+    last_log = (time.time(), start_step)
+
+    def flush(step: int):
+        """Averages and writes the pending train metrics; stops on a NaN/Inf loss or gradient."""
+        nonlocal last_log
+        if not pending.items:
+            return
+        host = jax.device_get(pending.items)
+        for i, m in enumerate(host):
+            if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))):
+                bad = pending.first_step + i
+                last_good = ckpts.latest_step()
+                where = (f"the last good checkpoint is step {last_good} in {ckpts.directory}"
+                         if last_good is not None else "no checkpoint was saved yet")
+                raise FloatingPointError(
+                    f"Non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step "
+                    f"{bad}; stopping. {where}. Lower the learning rate or check the data."
+                )
+        averaged = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+        now = time.time()
+        steps_done = step - last_log[1]
+        rate = steps_done / max(now - last_log[0], 1e-9)
+        averaged["images_per_sec"] = rate * config.batch_size
+        averaged["epoch"] = step / steps_per_epoch
+        averaged["eta_min"] = (total_steps - step) / max(rate, 1e-9) / 60.0
+        writer.write_scalars(step, averaged)
+        pending.items.clear()
+        pending.first_step = step
+        last_log = (now, step)
+
+    profile = None
+    if config.profile_steps and jax.process_index() == 0 and metrics.tensorflow_available():
+        from clu import periodic_actions
+
+        profile = periodic_actions.Profile(
+            logdir=str(workdir), num_profile_steps=config.profile_steps,
+            first_profile=min(start_step + config.log_every_steps, total_steps),
+        )
+
+    final = {}
+    step = start_step
+    with _Preemption() as preemption:
+        batches = dataset.train_iterator(config.batch_size, start_step=start_step)
+        while step < total_steps:
+            batch = next(batches)
+            if teacher_graphdef is not None:
+                state, step_metrics = train_step(state, batch, teacher_state)
+            else:
+                state, step_metrics = train_step(state, batch)
+            pending.items.append(step_metrics)
+            step += 1
+            if profile is not None:
+                profile(step)
+            if step % config.log_every_steps == 0 or step == total_steps:
+                flush(step)
+            if step % eval_every == 0 or step == total_steps:
+                flush(step)
+                final = evaluate(state)
+                writer.write_scalars(step, final)
+                if final["eval_top1/C1"] > float(jax.device_get(state["best_top1"])):
+                    state["best_top1"] = jnp.asarray(final["eval_top1/C1"], jnp.float32)
+                    state = parallel.replicate(state, mesh)
+                    ckpts.save_best(step, state, final["eval_top1/C1"])
+            stopping = preemption.requested or step == stop_at_step or (
+                jax.process_count() > 1 and ckpts.reached_preemption(step))
+            if step % ckpt_every == 0 or step == total_steps or stopping:
+                flush(step)
+                ckpts.save(step, state, force=True)
+            if stopping:
+                ckpts.wait()
+                ckpts.close()
+                writer.flush()
+                logging.warning("Stopped at step %d: checkpoint saved in %s; run the same "
+                                "command again to resume.", step, ckpts.directory)
+                return {"stopped_at_step": step}
+    ckpts.wait()
+    if restored is not None and step == start_step and not final:
+        final = evaluate(state)  # the run was already complete
+    export(graphdef, state, workdir / "export", config, num_classes)
+    ckpts.close()
+    writer.flush()
+    return final
+
+
+def export(graphdef, state, directory, config, num_classes: int) -> None:
+    """Writes the main path's parameters and BN statistics (``models.export_state``) and metadata."""
+    host = jax.device_get({"params": state["params"], "batch_stats": state["batch_stats"]})
+    model = nnx.merge(graphdef, host["params"], host["batch_stats"])
+    main = _pure(models.export_state(model))
+    meta = {"model": config.model, "num_classes": num_classes, "dataset": config.dataset,
+            "image_size": config.image_size, "method": config.method}
+    checkpointing.save_export(directory, main, meta)
+
+
+def load_exported_model(directory, *, dtype=jnp.float32):
+    """An ``aux="none"`` model holding an export's parameters: for inference and as a KD teacher."""
+    directory = paths.as_path(directory)
+    meta_path = directory / checkpointing.EXPORT_META
+    if not meta_path.exists():
+        raise checkpointing.CheckpointError(
+            f"{directory} holds no export of dks_jax ({checkpointing.EXPORT_META} missing): point "
+            "to the export/ folder of a finished run."
+        )
+    meta = json.loads(meta_path.read_text())
+    model = models.create(meta["model"], meta["num_classes"], aux="none", rngs=nnx.Rngs(0),
+                          dtype=dtype)
+    graphdef, tstate = nnx.split(model)
+    _, pure = checkpointing.load_export(directory, target=jax.tree.map(np.asarray, _pure(tstate)))
+    return nnx.merge(graphdef, pure), meta
+
+
