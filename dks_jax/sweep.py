@@ -256,7 +256,8 @@ def run_sweep(configs: Sequence[str], seeds, workdir, *, overrides: Sequence[str
             runs.append(SweepRun(n, k, run_dir, "trained", record["metrics"]))
     failed = [f"{r.name}/seed{r.seed}" for r in runs if r.status == "failed"]
     return table(workdir, name=name, results_dir=results_dir, names=names, command=command,
-                 notes=[f"failed runs (left out): {', '.join(failed)}"] if failed else ())
+                 notes=[f"failed runs (left out): {', '.join(failed)}"] if failed else (),
+                 write=jax.process_index() == 0)
 
 
 def _plain(v):
