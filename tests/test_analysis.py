@@ -173,3 +173,21 @@ def test_plot_curves(tmp_path):
         assert data.startswith(PNG_MAGIC) and len(data) > 10000
     with pytest.raises(FileNotFoundError, match="metrics"):
         analysis.plot_curves(tmp_path / "nothing", tmp_path / "x.png")
+
+
+@pytest.mark.parametrize("name", ["cifar_resnet32", "densenet40_k12", "wrn16_8", "mobilenet_cifar",
+                                  "resnet18"])
+def test_gradient_consistency_traces_for_registry_models(name):
+    """Shapes only (jax.eval_shape, nothing compiled): every family's taps are found."""
+    import functools
+
+    model = nnx.eval_shape(lambda: models.create(name, 10, rngs=nnx.Rngs(0)))
+    graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    size = models.spec(name).image_size
+    images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
+    labels = jax.ShapeDtypeStruct((2,), jnp.int32)
+    out = jax.eval_shape(functools.partial(analysis.gradient_consistency, graphdef), params, stats,
+                         images, labels)
+    aux = model.head_names[1:]
+    assert aux and set(out) == {f"grad_cos{k}/{h}" for h in aux for k in ("", "_example")}
+    assert all(v.shape == () for v in out.values())

@@ -233,6 +233,15 @@ def test_end_to_end_sweep_of_two_seeds(cifar_subset, tmp_path, tiny_model):
     with pytest.raises(ValueError, match="another config.*beta"):
         sweep.run_sweep(f"{cfg}:dks", 1, runs, results_dir=results, overrides=["loss.beta=2.0"],
                         train_fn=lambda *a, **k: pytest.fail("must not train"))
+    # The analysis CLI on a real run folder: latest checkpoint + the run's evaluation images.
+    from dks_jax import analysis
+
+    run = runs / "tiny-dks" / "seed0"
+    assert analysis.main(["consistency", f"--workdir={run}", "--num_images=16"]) == 0
+    assert analysis.main(["heatmap", f"--workdir={run}", "--num_images=16"]) == 0
+    assert analysis.main(["curves", f"--workdir={run}"]) == 0
+    for png in ("heatmap_C3_cka.png", "curves.png"):
+        assert (run / png).read_bytes().startswith(b"\x89PNG")
 
 
 # ---- the seed vmap ------------------------------------------------------------------------------
