@@ -13,6 +13,10 @@ resumes from its checkpoint, and a folder holding a run of another config is an 
 mixing). Then it writes ``results/<name>.md`` and ``results/<name>.csv`` (``--name`` defaults to
 the workdir's folder name).
 
+``--vmap_seeds`` trains the seeds of a config at once in one program (``config.num_seeds``, see
+``dks_jax.seeds``; needs a trainer that supports it) in ``<workdir>/<config name>/seeds<a>-<b>``, and
+still writes one ``seed<k>/result.json`` per seed. ``--keep_going`` logs a failing run and goes on.
+
 ``table(workdir)`` (or ``--table_only``) makes the same tables from existing run folders without
 training: every ``<workdir>/<config name>/<run>/`` with a ``config.json`` counts, finished when it
 has a ``result.json`` (written by the sweep) or a final evaluation in ``metrics.jsonl`` (a run of
@@ -194,7 +198,8 @@ def _device_info() -> dict:
 
 def run_sweep(configs: Sequence[str], seeds, workdir, *, overrides: Sequence[str] = (),
               results_dir="results", name: str | None = None, keep_going: bool = False,
-              command: str = "", mesh=None, train_fn: Callable | None = None) -> list[dict]:
+              vmap_seeds: bool = False, command: str = "", mesh=None,
+              train_fn: Callable | None = None) -> list[dict]:
     """Trains every config x seed not finished yet, then writes and returns the table rows.
 
     ``configs``: specs ``path.py[:preset]`` (or one comma-separated string, see
@@ -202,6 +207,12 @@ def run_sweep(configs: Sequence[str], seeds, workdir, *, overrides: Sequence[str
     ``<workdir>/<config name>/seed<k>``; a finished run leaves ``result.json`` (final metrics,
     config, wall time, device). A run stopped by preemption ends the sweep (run it again to resume).
     A failing run raises, unless ``keep_going`` (then it is logged and left out of the table).
+
+    ``vmap_seeds``: train all seeds of a config in one program (``config.num_seeds``, see
+    ``dks_jax.seeds``) in ``<workdir>/<config name>/seeds<first>-<last>``; the seeds must be
+    consecutive. ``train_fn`` must then return ``{"per_seed": [final metrics of each seed], ...}``;
+    each seed still gets its ``seed<k>/result.json`` (with the wall time divided by the number of
+    seeds), so tables read the same either way.
     """
     import jax
 
@@ -215,14 +226,25 @@ def run_sweep(configs: Sequence[str], seeds, workdir, *, overrides: Sequence[str
     names = [config_name(s) for s in specs]
     if len(set(names)) != len(names):
         raise ValueError(f"Two configs map to the same run folder name: {names}.")
+    if vmap_seeds and seeds != list(range(seeds[0], seeds[0] + len(seeds))):
+        raise ValueError(f"--vmap_seeds trains seeds config.seed + 0..n-1: give consecutive seeds, "
+                         f"not {seeds}.")
     loaded = {n: load_config(s, overrides) for n, s in zip(names, specs, strict=True)}
+    if vmap_seeds and any("num_seeds" not in c for c in loaded.values()):
+        raise ValueError("--vmap_seeds needs config.num_seeds, which this version of the config "
+                         "and trainer do not have yet; run without it.")
     runs = []
+
+    def seed_config(n, k):
+        config = loaded[n].copy_and_resolve_references()
+        config.seed = k
+        return config
+
     for n in names:
+        todo = []
         for k in seeds:
-            config = loaded[n].copy_and_resolve_references()
-            config.seed = k
-            run_dir = workdir / n / f"seed{k}"
-            wanted = _config_dict(config)
+            config = seed_config(n, k)
+            run_dir, wanted = workdir / n / f"seed{k}", _config_dict(config)
             done = _finished_result(run_dir)
             if done is not None:
                 _check_same_config(run_dir, wanted, done.get("config"))
@@ -232,29 +254,51 @@ def run_sweep(configs: Sequence[str], seeds, workdir, *, overrides: Sequence[str
             if (run_dir / "config.json").exists():
                 _check_same_config(run_dir, wanted,
                                    json.loads((run_dir / "config.json").read_text()))
-            logging.info("%s seed %d: training in %s", n, k, run_dir)
+            todo.append(k)
+        if vmap_seeds and todo:
+            # One program for every seed (also those finished: the program is all or nothing).
+            jobs = [(seeds, workdir / n / f"seeds{seeds[0]}-{seeds[-1]}")]
+        else:
+            jobs = [([k], workdir / n / f"seed{k}") for k in todo]
+        for job_seeds, run_dir in jobs:
+            config = seed_config(n, job_seeds[0])
+            if vmap_seeds:
+                config.num_seeds = len(job_seeds)
+            label = f"{n} seed{'s' if len(job_seeds) > 1 else ''} {job_seeds}"
+            logging.info("%s: training in %s", label, run_dir)
             start = time.time()
             try:
                 result = train_fn(config, run_dir, mesh=mesh)
             except Exception:
                 if not keep_going:
                     raise
-                logging.exception("%s seed %d failed; continuing (--keep_going).", n, k)
-                runs.append(SweepRun(n, k, run_dir, "failed", {}))
+                logging.exception("%s failed; continuing (--keep_going).", label)
+                runs += [SweepRun(n, k, run_dir, "failed", {}) for k in job_seeds]
                 continue
             if "stopped_at_step" in result:
-                logging.warning("%s seed %d stopped at step %d (preemption): run the same command "
-                                "again to resume the sweep.", n, k, result["stopped_at_step"])
-                runs.append(SweepRun(n, k, run_dir, "stopped", result))
+                logging.warning("%s stopped at step %d (preemption): run the same command again "
+                                "to resume the sweep.", label, result["stopped_at_step"])
                 return []
-            record = {"metrics": {k2: _plain(v) for k2, v in result.items()}, "config": wanted,
-                      "spec": specs[names.index(n)], "overrides": list(overrides),
-                      "wall_time_s": time.time() - start, "command": command,
-                      "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **_device_info()}
-            if jax.process_index() == 0:
-                (run_dir / RESULT_FILE).write_text(json.dumps(record, indent=2, sort_keys=True))
-            runs.append(SweepRun(n, k, run_dir, "trained", record["metrics"]))
-    failed = [f"{r.name}/seed{r.seed}" for r in runs if r.status == "failed"]
+            wall = time.time() - start
+            per_seed = result["per_seed"] if vmap_seeds else [result]
+            if len(per_seed) != len(job_seeds):
+                raise ValueError(f"{label}: the trainer returned {len(per_seed)} results.")
+            for k, final in zip(job_seeds, per_seed, strict=True):
+                record = {"metrics": {m: _plain(v) for m, v in final.items()},
+                          "config": _config_dict(seed_config(n, k)),
+                          "spec": specs[names.index(n)], "overrides": list(overrides),
+                          "wall_time_s": wall / len(job_seeds), "command": command,
+                          "finished": time.strftime("%Y-%m-%d %H:%M:%S"), **_device_info()}
+                if vmap_seeds:
+                    record.update(vmapped_in=str(run_dir), vmapped_seeds=len(job_seeds),
+                                  wall_time_total_s=wall)
+                seed_dir = workdir / n / f"seed{k}"
+                if jax.process_index() == 0:
+                    seed_dir.mkdir(parents=True, exist_ok=True)
+                    (seed_dir / RESULT_FILE).write_text(json.dumps(record, indent=2,
+                                                                   sort_keys=True))
+                runs.append(SweepRun(n, k, seed_dir, "trained", record["metrics"]))
+    failed = sorted({f"{r.name}/seed{r.seed}" for r in runs if r.status == "failed"})
     return table(workdir, name=name, results_dir=results_dir, names=names, command=command,
                  notes=[f"failed runs (left out): {', '.join(failed)}"] if failed else (),
                  write=jax.process_index() == 0)
@@ -320,6 +364,8 @@ def collect(workdir, names: Sequence[str] | None = None) -> dict[str, list[RunRe
             continue
         runs, unfinished = [], []
         for run_dir in sorted((p for p in folder.iterdir() if p.is_dir()), key=_seed_order):
+            if _is_vmapped(run_dir):
+                continue  # its seeds are read from their own seed<k>/result.json
             record = read_run(run_dir)
             if record is not None:
                 runs.append(record)
@@ -330,6 +376,13 @@ def collect(workdir, names: Sequence[str] | None = None) -> dict[str, list[RunRe
         if runs:
             groups[n] = runs
     return groups
+
+
+def _is_vmapped(run_dir) -> bool:
+    config = run_dir / "config.json"
+    if not config.exists() or (run_dir / RESULT_FILE).exists():
+        return False
+    return int(json.loads(config.read_text()).get("num_seeds", 0) or 0) > 1
 
 
 def _seed_order(path):
@@ -523,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="only write the tables from the finished runs under --workdir")
     parser.add_argument("--keep_going", action="store_true",
                         help="a failing run is logged and left out instead of stopping the sweep")
+    parser.add_argument("--vmap_seeds", action="store_true",
+                        help="train the seeds of a config at once (config.num_seeds, one program)")
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.INFO)
     command = "python -m dks_jax.sweep " + " ".join(
@@ -536,7 +591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error("--configs is required (unless --table_only).")
         rows = run_sweep(args.configs, args.seeds, args.workdir, overrides=args.overrides,
                          results_dir=args.results_dir, name=args.name or None,
-                         keep_going=args.keep_going, command=command)
+                         keep_going=args.keep_going, vmap_seeds=args.vmap_seeds,
+                         command=command)
     if rows:
         print(to_markdown(rows, title=args.name or paths.as_path(args.workdir).name,
                           command=command))

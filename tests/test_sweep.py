@@ -309,3 +309,36 @@ def test_vmap_step_and_eval_helpers():
     sharding = seeds.stacked_batch_sharding(mesh)
     x = jax.device_put(np.zeros((2, 8, 3), np.float32), sharding)
     assert x.sharding.spec == jax.sharding.PartitionSpec(None, "data")
+
+
+def test_vmap_seeds_sweep_writes_one_result_per_seed(tmp_path):
+    """--vmap_seeds: one trainer call with config.num_seeds = 3, a result.json per seed."""
+    cfg = tmp_path / "v.py"
+    cfg.write_text("from dks_jax import config_base\n\ndef get_config(method=None):\n"
+                   "    c = config_base.with_method(config_base.base(), method or 'dks')\n"
+                   "    c.num_seeds = 1\n    return c\n")
+    calls = []
+
+    def fake_train(config, workdir, mesh=None):
+        calls.append((config.seed, config.num_seeds, workdir.name))
+        workdir.mkdir(parents=True)
+        (workdir / "config.json").write_text(config.to_json())
+        (workdir / "metrics.jsonl").write_text(json.dumps(
+            {"step": 5, "total_steps": 5, "eval_top1/C1": 99.0}) + "\n")  # must not be read
+        per_seed = [{"eval_top1/C1": 60.0 + k, "eval_top5/C1": 90.0, "eval_count": 10}
+                    for k in range(config.seed, config.seed + config.num_seeds)]
+        return {"per_seed": per_seed, "eval_top1/C1": 61.0}
+
+    runs = tmp_path / "runs"
+    rows = sweep.run_sweep(f"{cfg}:ds", "2,3,4", runs, results_dir=tmp_path / "r",
+                           vmap_seeds=True, train_fn=fake_train)
+    assert calls == [(2, 3, "seeds2-4")]
+    assert rows[0]["seeds"] == 3 and rows[0]["top1_mean"] == pytest.approx(63.0)
+    assert rows[0]["top1_std"] == pytest.approx(1.0)
+    record = json.loads((runs / "v-ds" / "seed3" / "result.json").read_text())
+    assert record["config"]["seed"] == 3 and record["vmapped_seeds"] == 3
+    again = sweep.run_sweep(f"{cfg}:ds", "2,3,4", runs, results_dir=tmp_path / "r",
+                            vmap_seeds=True, train_fn=lambda *a, **k: pytest.fail("trained"))
+    assert again[0]["top1_mean"] == pytest.approx(63.0)
+    with pytest.raises(ValueError, match="consecutive"):
+        sweep.run_sweep(f"{cfg}:ds", "0,2", runs, vmap_seeds=True, train_fn=fake_train)
