@@ -106,8 +106,12 @@ def _first_stage(model, tap) -> int:
     return s + 1 if blocks == len(model.stages[s]) else s
 
 
-def _cross_entropy(logits, labels):
-    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels))
+def _cross_entropy(logits, labels, mask=None):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    if mask is None:
+        return jnp.mean(ce)
+    w = jnp.asarray(mask, jnp.float32)
+    return jnp.sum(ce * w) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def _cosine(a, b, axis=None):
@@ -120,8 +124,8 @@ def _cosine(a, b, axis=None):
 # ---- (a) gradient consistency -------------------------------------------------------------------
 
 
-def gradient_consistency(graphdef, params, batch_stats, images, labels, *, train: bool = False,
-                         rng=None) -> dict:
+def gradient_consistency(graphdef, params, batch_stats, images, labels, mask=None, *,
+                         train: bool = False, rng=None) -> dict:
     """Cosine similarity between the main and each auxiliary head's CE gradient at their shared map.
 
     For auxiliary head ``Ck`` attached at feature map ``z`` (``[B, H, W, C]``, the main path's output
@@ -135,8 +139,10 @@ def gradient_consistency(graphdef, params, batch_stats, images, labels, *, train
 
     Both are in [-1, 1]. ``graphdef`` is static (``jax.jit(gradient_consistency, static_argnums=0)``);
     ``params`` / ``batch_stats`` are the train state's pure dicts; ``images`` ``[B, H, W, C]``,
-    ``labels`` int ``[B]``. ``train=False`` uses the running BatchNorm statistics (evaluation
-    mode; examples independent); ``train=True`` batch statistics (and dropout from ``rng``, if the
+    ``labels`` int ``[B]``; ``mask`` bool ``[B]`` (an evaluation batch's padding is False): only
+    those examples count (the CE is their mean, so padded examples get zero gradient).
+    ``train=False`` uses the running BatchNorm statistics (evaluation mode; examples independent);
+    ``train=True`` batch statistics (padding included, if any) and dropout from ``rng`` (if the
     model has dropout). A model without auxiliary heads gives ``{}``.
     """
     probe = nnx.merge(graphdef, params, batch_stats)
@@ -148,7 +154,7 @@ def gradient_consistency(graphdef, params, batch_stats, images, labels, *, train
         model = nnx.merge(graphdef, params, batch_stats)
         rngs = nnx.Rngs(dropout=rng) if rng is not None else None
         logits, _, _, _ = _trace(model, images, train=train, rngs=rngs, offsets=offsets)
-        return jnp.stack([_cross_entropy(z, labels) for z in logits])
+        return jnp.stack([_cross_entropy(z, labels, mask) for z in logits])
 
     def tap_shapes():
         model = nnx.merge(graphdef, params, batch_stats)
@@ -164,7 +170,12 @@ def gradient_consistency(graphdef, params, batch_stats, images, labels, *, train
         a, b = g_main[tap], g_aux[tap]
         out[f"grad_cos/{names[k]}"] = _cosine(a, b)
         per_example = _cosine(a, b, axis=tuple(range(1, a.ndim)))
-        out[f"grad_cos_example/{names[k]}"] = jnp.mean(per_example)
+        if mask is None:
+            out[f"grad_cos_example/{names[k]}"] = jnp.mean(per_example)
+        else:
+            w = jnp.asarray(mask, jnp.float32)
+            out[f"grad_cos_example/{names[k]}"] = jnp.sum(per_example * w) / jnp.maximum(
+                jnp.sum(w), 1.0)
     return out
 
 

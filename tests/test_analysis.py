@@ -83,6 +83,13 @@ def test_gradient_consistency_equals_hand_computation(tiny):
         np.testing.assert_allclose(got[f"grad_cos_example/{head}"], np.mean(per), rtol=1e-4,
                                    atol=1e-6)
 
+    # A padded evaluation batch: the padding (mask False) does not count.
+    pad = lambda x: jnp.concatenate([x, jnp.zeros((2,) + x.shape[1:], x.dtype)])
+    mask = jnp.arange(10) < 8
+    padded = fn(graphdef, params, stats, pad(images), pad(labels), mask)
+    for key, value in got.items():
+        np.testing.assert_allclose(padded[key], value, rtol=1e-4, atol=1e-6)
+
 
 def test_linear_cka_properties():
     rng = np.random.default_rng(1)
