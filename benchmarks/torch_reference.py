@@ -1,0 +1,348 @@
+"""PyTorch reference for the speed comparison of issue 6: the same model, loss and optimizer.
+
+    python benchmarks/torch_reference.py --model resnet50 --aux none --method baseline \
+        --batch_size 256 --image_size 224 --dtype bfloat16 --json_out /tmp/torch.json
+
+Models: ImageNet ResNets in torchvision's layout. ``--aux none`` uses ``torchvision.models.<name>``
+when torchvision is importable (``--impl auto``), else this file's own ResNet (the same layers and
+initialisation). ``--aux paper`` is this file's ResNet with the DKS paper's auxiliary branches,
+exactly those of ``dks_jax/models/imagenet_resnet.py`` (DKS supplement Table 7): C2 forks after
+conv4_x and runs a conv5_x-like stage of ``c2`` blocks at 1024 planes (stride 2); C3 forks after
+conv3_x and runs conv4_x-like ``c3[0]`` blocks at 256 planes and conv5_x-like ``c3[1]`` blocks at
+512 planes (stride 2 each); each ends in global average pooling and a fully connected layer. The
+blocks are the backbone's own (BasicBlock for ResNet-18/34, Bottleneck for 50/101/152).
+ResNet-18: c2 = 2, c3 = (1, 2) -> 53,483,512 parameters at 1000 classes, as dks_jax counts.
+
+Heads order as in dks_jax: (main C1, C2, C3). Loss (``--method``): ``baseline`` = CE of the main
+head; ``ds`` = CE of every head (alpha = 1); ``dks`` = ``ds`` + the bidirectional synergy term
+sum over ordered pairs (m, n), m != n, of mean_b H(softmax(z_m).detach(), softmax(z_n)) (beta = 1,
+T = 1), computed in float32 from the logits. Optimizer: SGD, momentum 0.9, weight decay 1e-4 (coupled,
+as ``torch.optim.SGD``), lr 0.1; fused on CUDA.
+
+Speed settings: ``torch.compile`` of model + loss (``--compile auto``: on for CUDA, off on CPU),
+channels_last activations and weights, bf16 autocast (``--dtype bfloat16``), cuDNN benchmark mode.
+Timing as the JAX side: synthetic normal images and uniform labels already on the device (rotating
+over ``--num_batches`` batches), ``--warmup`` untimed steps (the first one compiles: ``compile_s`` is
+its wall time), then ``--steps`` steps each timed from launch to ``torch.cuda.synchronize()``;
+the median is reported. Runs on CPU at tiny sizes (no compile, float32) for tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# name -> (block, blocks per stage, paper branches (c3, c2)); mirrors dks_jax/models/imagenet_resnet.py
+RESNETS = {
+    "resnet18": ("basic", (2, 2, 2, 2), ((1, 2), 2)),
+    "resnet34": ("basic", (3, 4, 6, 3), ((3, 2), 3)),
+    "resnet50": ("bottleneck", (3, 4, 6, 3), ((3, 2), 3)),
+    "resnet101": ("bottleneck", (3, 4, 23, 3), ((12, 2), 3)),
+    "resnet152": ("bottleneck", (3, 8, 36, 3), ((18, 2), 3)),
+}
+METHODS = ("baseline", "ds", "dks")
+
+
+class BasicBlock(nn.Module):
+    expansion = 1
+
+    def __init__(self, in_ch: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_ch, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = _projection(in_ch, planes, stride)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        r = x if self.downsample is None else self.downsample(x)
+        return F.relu(y + r)
+
+
+class Bottleneck(nn.Module):
+    expansion = 4
+
+    def __init__(self, in_ch: int, planes: int, stride: int = 1):
+        super().__init__()
+        out = planes * 4
+        self.conv1 = nn.Conv2d(in_ch, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False)  # v1.5: stride on the 3x3
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv3 = nn.Conv2d(planes, out, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(out)
+        self.downsample = _projection(in_ch, out, stride)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(y))
+        r = x if self.downsample is None else self.downsample(x)
+        return F.relu(y + r)
+
+
+def _projection(in_ch: int, out: int, stride: int):
+    if stride == 1 and in_ch == out:
+        return None
+    return nn.Sequential(nn.Conv2d(in_ch, out, 1, stride, bias=False), nn.BatchNorm2d(out))
+
+
+def _stage(block, in_ch: int, planes: int, blocks: int, stride: int) -> tuple[nn.Sequential, int]:
+    layers = []
+    for i in range(blocks):
+        layers.append(block(in_ch, planes, stride if i == 0 else 1))
+        in_ch = planes * block.expansion
+    return nn.Sequential(*layers), in_ch
+
+
+class Head(nn.Module):
+    """An auxiliary classifier: stages of the backbone's block, global average pooling, fc."""
+
+    def __init__(self, block, in_ch: int, stages, num_classes: int):
+        super().__init__()
+        mods = []
+        for planes, blocks in stages:
+            stage, in_ch = _stage(block, in_ch, planes, blocks, 2)
+            mods.append(stage)
+        self.stages = nn.Sequential(*mods)
+        self.fc = nn.Linear(in_ch, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.stages(x), 1), 1))
+
+
+class ResNet(nn.Module):
+    """torchvision-layout ResNet; ``aux="paper"`` adds the DKS branches and returns all heads."""
+
+    def __init__(self, name: str, num_classes: int, aux: str = "none"):
+        super().__init__()
+        kind, depths, (c3, c2) = RESNETS[name]
+        block = BasicBlock if kind == "basic" else Bottleneck
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        ch = 64
+        self.layer1, ch = _stage(block, ch, 64, depths[0], 1)
+        self.layer2, ch2 = _stage(block, ch, 128, depths[1], 2)
+        self.layer3, ch3 = _stage(block, ch2, 256, depths[2], 2)
+        self.layer4, ch = _stage(block, ch3, 512, depths[3], 2)
+        self.fc = nn.Linear(ch, num_classes)
+        self.aux = aux
+        if aux == "paper":
+            self.c2 = Head(block, ch3, [(1024, c2)], num_classes)
+            self.c3 = Head(block, ch2, [(256, c3[0]), (512, c3[1])], num_classes)
+        elif aux != "none":
+            raise ValueError(f"aux must be 'none' or 'paper', got {aux!r}")
+        for m in self.modules():  # torchvision's initialisation
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
+        x = self.layer1(x)
+        f2 = self.layer2(x)
+        f3 = self.layer3(f2)
+        x = self.layer4(f3)
+        main = self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+        if self.aux == "none":
+            return (main,)
+        return main, self.c2(f3), self.c3(f2)
+
+
+def create_model(name: str, num_classes: int, aux: str = "none", impl: str = "auto"):
+    """``(model, impl)``: torchvision's model for ``aux="none"`` when available (impl auto), else ours."""
+    if name not in RESNETS:
+        raise ValueError(f"no PyTorch reference for {name!r}; have {', '.join(RESNETS)}")
+    if impl not in ("auto", "torchvision", "own"):
+        raise ValueError(f"impl must be auto, torchvision or own, got {impl!r}")
+    if aux == "none" and impl != "own":
+        try:
+            import torchvision
+        except ImportError:
+            if impl == "torchvision":
+                raise
+        else:
+            return getattr(torchvision.models, name)(num_classes=num_classes), "torchvision"
+    return ResNet(name, num_classes, aux), "own"
+
+
+def objective(logits, labels, method: str) -> torch.Tensor:
+    """The loss of ``method`` on a tuple of logits (heads order: main first), in float32."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    logits = [z.float() for z in logits]
+    loss = F.cross_entropy(logits[0], labels)
+    if method == "baseline":
+        return loss
+    for z in logits[1:]:
+        loss = loss + F.cross_entropy(z, labels)
+    if method == "dks":
+        log_p = [F.log_softmax(z, dim=-1) for z in logits]
+        for m, teacher in enumerate(log_p):
+            target = teacher.detach().exp()
+            for n, student in enumerate(log_p):
+                if m != n:
+                    loss = loss - (target * student).sum(-1).mean()
+    return loss
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def benchmark(args) -> dict:
+    """Builds model, loss and optimizer, and times training steps on synthetic data."""
+    torch.manual_seed(args.seed)
+    device = torch.device(args.device if args.device != "auto"
+                          else ("cuda" if torch.cuda.is_available() else "cpu"))
+    use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+    bf16 = args.dtype == "bfloat16"
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.cuda.reset_peak_memory_stats(device)
+
+    model, impl = create_model(args.model, args.num_classes, args.aux, args.impl)
+    model = model.to(device=device, memory_format=fmt).train()
+    num_params = sum(p.numel() for p in model.parameters())
+    opt_kwargs = {"fused": True} if device.type == "cuda" else {}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4,
+                                **opt_kwargs)
+
+    def forward_loss(images, labels):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(images)
+        if isinstance(logits, torch.Tensor):
+            logits = (logits,)
+        return objective(logits, labels, args.method)
+
+    if use_compile:
+        forward_loss = torch.compile(forward_loss, mode=args.compile_mode)
+
+    def step(images, labels):
+        loss = forward_loss(images, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    shape = (args.batch_size, 3, args.image_size, args.image_size)
+    batches = [
+        (torch.randn(shape, device=device, generator=gen).contiguous(memory_format=fmt),
+         torch.randint(0, args.num_classes, (args.batch_size,), device=device, generator=gen))
+        for _ in range(args.num_batches)
+    ]
+    _sync(device)
+
+    start = time.perf_counter()
+    loss = step(*batches[0])
+    _sync(device)
+    compile_s = time.perf_counter() - start
+    for i in range(1, args.warmup):
+        loss = step(*batches[i % args.num_batches])
+    _sync(device)
+    loss_first = float(loss.detach())
+    if not math.isfinite(loss_first):
+        raise FloatingPointError(f"non-finite loss {loss_first} during warm-up")
+
+    times = []
+    for i in range(args.steps):
+        start = time.perf_counter()
+        loss = step(*batches[i % args.num_batches])
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    step_s = statistics.median(times)
+
+    try:
+        import torchvision
+
+        tv_version = torchvision.__version__
+    except ImportError:
+        tv_version = None
+    return {
+        "torch_version": torch.__version__,
+        "torchvision_version": tv_version,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "impl": impl,
+        "model": args.model,
+        "aux": args.aux,
+        "method": args.method,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "num_classes": args.num_classes,
+        "dtype": args.dtype,
+        "compile": use_compile,
+        "compile_mode": args.compile_mode if use_compile else None,
+        "channels_last": args.channels_last,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "num_params": num_params,
+        "images_per_sec": args.batch_size / step_s,
+        "step_ms": 1e3 * step_s,
+        "step_ms_min": 1e3 * min(times),
+        "compile_s": compile_s,
+        "peak_memory_bytes": (torch.cuda.max_memory_allocated(device)
+                              if device.type == "cuda" else None),
+        "loss_first": loss_first,
+        "loss_last": float(loss.detach()),
+    }
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="resnet18", choices=sorted(RESNETS))
+    p.add_argument("--aux", default="none", choices=["none", "paper"])
+    p.add_argument("--method", default="baseline", choices=METHODS)
+    p.add_argument("--batch_size", type=int, default=256)
+    p.add_argument("--image_size", type=int, default=224)
+    p.add_argument("--num_classes", type=int, default=1000)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--num_batches", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cuda, cpu")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--compile_mode", default="default",
+                   help="torch.compile mode: default, max-autotune, max-autotune-no-cudagraphs")
+    p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--impl", default="auto", choices=["auto", "torchvision", "own"])
+    p.add_argument("--json_out", default="", help="write the result here as JSON")
+    args = p.parse_args(argv)
+    if args.warmup < 1 or args.steps < 1 or args.num_batches < 1:
+        p.error("--warmup, --steps and --num_batches must be at least 1")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    result = benchmark(args)
+    result["python_version"] = platform.python_version()
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2, sort_keys=True)
+    print(f"PyTorch {result['torch_version']} {result['model']} aux={result['aux']} "
+          f"method={result['method']} batch={result['batch_size']} {result['image_size']}px "
+          f"{result['dtype']} on {result['device']} ({result['impl']}, compile={result['compile']}): "
+          f"{result['images_per_sec']:.1f} images/s, {result['step_ms']:.2f} ms/step, "
+          f"first step {result['compile_s']:.1f} s", file=sys.stderr)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,585 @@
+"""Training-step speed: ``python -m dks_jax.benchmark --model=resnet18 --method=dks``.
+
+Builds the real training step of ``train.py`` (model, objective, optimizer, ``jax.jit`` with the state
+donated) on synthetic data already on the devices (sharded over the mesh's ``'data'`` axis), then:
+
+- times ``lower`` and ``compile`` separately (``compile_s`` is their sum; no persistent compilation
+  cache is used unless the environment turns one on);
+- runs ``warmup`` steps (not timed), then ``steps`` steps, each timed on the host clock from dispatch
+  to ``block_until_ready`` of its loss (all outputs of one XLA executable complete together), and
+  reports the median (and min, p90) of those step times; it also times the same number of steps
+  dispatched back to back with one sync at the end (``pipelined_step_ms``, what the training loop
+  sees, since it never syncs per step);
+- rotates over ``num_batches`` different random batches (normal images, uniform labels: never
+  zeros, which can run faster than real data);
+- reads the peak device memory (``device.memory_stats()``, where the backend has it, else n/a),
+  XLA's own memory and FLOP analysis of the compiled step, and the per-image forward multiply-adds
+  of the model from ``models.complexity``;
+- MFU = 3 x 2 x MACs x images/s / (peak FLOP/s x devices), the peak from :data:`PEAK_FLOPS` (n/a on
+  CPU and unknown devices). 3x: a training step costs about one forward and two forward-sized
+  backward passes; 2: one multiply-add is two floating-point operations.
+
+One JSON record per measurement is written to ``--output`` (a folder, default
+``benchmarks/results/``, or a ``.json`` path), with the keys of :data:`REQUIRED_KEYS` and more.
+``--compare_torch`` first runs the PyTorch reference (``benchmarks/torch_reference.py``) in a
+subprocess on the same device with the same sizes, *before* JAX touches the device (JAX pre-allocates
+most of a GPU's memory), and adds ``torch_images_per_sec`` and the ratio to the record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import math
+import os
+import pathlib
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dks_jax import config_base, models, optim, parallel, train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+DEFAULT_OUTPUT = "benchmarks/results"
+TORCH_SCRIPT = REPO / "benchmarks" / "torch_reference.py"
+# A nominal epoch length for the learning-rate schedule (the schedule's values do not change speed).
+STEPS_PER_EPOCH = 1000
+TORCH_METHODS = ("baseline", "ds", "dks")  # what benchmarks/torch_reference.py implements
+TORCH_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+
+# Keys every record has (issue 6), plus ``torch_images_per_sec`` when a comparison ran.
+REQUIRED_KEYS = (
+    "device", "jax_version", "date", "command", "model", "aux", "method", "batch_size",
+    "image_size", "dtype", "images_per_sec", "step_ms", "compile_s", "macs_per_image",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Peak:
+    """Peak dense FLOP/s of one device for MFU.
+
+    ``reference``: the figure MFU is computed against; ``datasheet``: the vendor's dense (no
+    sparsity) figure, recorded too (``mfu_datasheet``) for comparison with published MFU numbers.
+    """
+
+    bfloat16: float | None
+    float32: float | None
+    datasheet_bfloat16: float | None
+    datasheet_float32: float | None
+    source: str
+
+
+# Keyed by a substring of ``jax.Device.device_kind``; the first match wins (so "H100 PCIe" before
+# "H100"). H100 and H200 (SXM): issue 6 states 790 TFLOP/s bf16 as the reference ceiling, which is
+# what an 8192^3 bf16 matrix product reached on this workplace's H100 and H200 (769-798 TFLOP/s);
+# the datasheet says 989.4 TFLOP/s dense bf16. float32 runs XLA's convolutions and dots in TF32 on
+# these GPUs by default: datasheet TF32 dense 494.7 TFLOP/s (no measured figure). Others: datasheets.
+PEAK_FLOPS: dict[str, Peak] = {
+    "H100 PCIe": Peak(756e12, 378e12, 756e12, 378e12, "NVIDIA H100 PCIe datasheet, dense"),
+    "H100": Peak(790e12, 494.7e12, 989.4e12, 494.7e12,
+                 "issue 6 reference 790 TFLOP/s bf16 (measured 8192^3 bf16 matmul); "
+                 "datasheet H100 SXM 989.4 bf16 / 494.7 TF32, dense"),
+    "H200": Peak(790e12, 494.7e12, 989.4e12, 494.7e12,
+                 "issue 6 reference 790 TFLOP/s bf16 (measured 8192^3 bf16 matmul); "
+                 "datasheet H200 SXM 989.4 bf16 / 494.7 TF32, dense"),
+    "A100": Peak(312e12, 156e12, 312e12, 156e12, "NVIDIA A100 datasheet, dense bf16 / TF32"),
+    "TPU v4": Peak(275e12, None, 275e12, None, "Cloud TPU v4 datasheet, bf16"),
+    "TPU v5 lite": Peak(197e12, None, 197e12, None, "Cloud TPU v5e datasheet, bf16"),
+    "TPU v5": Peak(459e12, None, 459e12, None, "Cloud TPU v5p datasheet, bf16"),
+    "TPU v6 lite": Peak(918e12, None, 918e12, None, "Cloud TPU v6e datasheet, bf16"),
+}
+
+
+def peak_flops(device_kind: str, dtype: str) -> tuple[float | None, float | None, str]:
+    """``(reference, datasheet, source)`` peak FLOP/s per device, or ``(None, None, "")``."""
+    for key, peak in PEAK_FLOPS.items():
+        if key.lower() in device_kind.lower():
+            return getattr(peak, dtype), getattr(peak, f"datasheet_{dtype}"), peak.source
+    return None, None, ""
+
+
+def mfu(macs_per_image: float, images_per_sec: float, peak: float | None, num_devices: int):
+    """Model FLOP utilisation: ``3 * 2 * MACs * images/s / (peak * devices)``; None without a peak."""
+    if not peak:
+        return None
+    return 6.0 * macs_per_image * images_per_sec / (peak * num_devices)
+
+
+# ---- options ------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Options:
+    """What to measure. ``aux=None``: ``"none"`` for the baseline method, else ``"paper"``.
+    ``image_size=0``: the model's design size; ``num_classes=0``: 1000 for ImageNet models, 10 else.
+    ``num_devices=0``: every device."""
+
+    model: str = "resnet18"
+    aux: str | None = None
+    method: str = "dks"
+    branches: str = ""
+    batch_size: int = 256
+    image_size: int = 0
+    num_classes: int = 0
+    dtype: str = "bfloat16"
+    steps: int = 50
+    warmup: int = 5
+    num_batches: int = 2
+    bn_group_size: int = 0
+    num_devices: int = 0
+    seed: int = 0
+
+    def resolved(self) -> Options:
+        """A copy with the defaults that depend on the model filled in, validated."""
+        if self.model not in models.names():
+            raise ValueError(f"unknown model {self.model!r}; valid: {', '.join(models.names())}")
+        if self.method not in config_base.METHODS or self.method == "kd":
+            valid = [m for m in config_base.METHODS if m != "kd"]
+            raise ValueError(f"method {self.method!r} cannot be benchmarked; valid: {valid}")
+        if self.dtype not in train.DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(train.DTYPES)}")
+        if self.steps < 1 or self.warmup < 1 or self.num_batches < 1:
+            raise ValueError("steps, warmup and num_batches must be at least 1 (the first warm-up "
+                             "step absorbs one-off costs)")
+        design = models.spec(self.model).image_size
+        aux = self.aux or ("none" if self.method == "baseline" else "paper")
+        return dataclasses.replace(
+            self,
+            aux=aux,
+            image_size=self.image_size or design,
+            num_classes=self.num_classes or (1000 if design >= 64 else 10),
+        )
+
+
+def build_config(options: Options):
+    """The base config (SGD 0.9, weight decay 1e-4, lr 0.1) with the benchmark's fields."""
+    c = config_base.base()
+    c.model, c.aux, c.method = options.model, options.aux, options.method
+    c.branches = options.branches
+    c.num_classes, c.image_size = options.num_classes, options.image_size
+    c.batch_size, c.dtype = options.batch_size, options.dtype
+    c.bn_group_size, c.seed = options.bn_group_size, options.seed
+    if models.spec(options.model).image_size >= 64:
+        c.lr_boundaries = (30.0, 60.0, 90.0)
+        c.num_epochs = 100.0
+    return c
+
+
+# ---- measurement --------------------------------------------------------------------------------
+
+
+def synthetic_batches(options: Options, mesh) -> list[dict]:
+    """``num_batches`` batches of normal float32 images and uniform labels, made on the devices."""
+    sharding = parallel.batch_sharded(mesh)
+    shape = (options.batch_size, options.image_size, options.image_size, 3)
+
+    def make(key):
+        k1, k2 = jax.random.split(key)
+        return {
+            "image": jax.random.normal(k1, shape, jnp.float32),
+            "label": jax.random.randint(k2, (options.batch_size,), 0, options.num_classes,
+                                        jnp.int32),
+        }
+
+    make = jax.jit(make, out_shardings={"image": sharding, "label": sharding})
+    keys = jax.random.split(jax.random.key(options.seed + 1), options.num_batches)
+    return [make(k) for k in keys]
+
+
+def _memory_peak(devices) -> int | None:
+    peaks = []
+    for d in devices:
+        try:
+            stats = d.memory_stats()
+        except Exception:  # noqa: BLE001 - backends without the API raise various errors
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(int(stats["peak_bytes_in_use"]))
+    return max(peaks) if peaks else None
+
+
+def _xla_analysis(compiled) -> dict:
+    """XLA's memory and FLOP estimates of the compiled step (per device program), where available."""
+    out = {}
+    try:
+        mem = compiled.memory_analysis()
+        if mem is not None:
+            out["xla_temp_bytes"] = int(mem.temp_size_in_bytes)
+            out["xla_argument_bytes"] = int(mem.argument_size_in_bytes)
+            out["xla_output_bytes"] = int(mem.output_size_in_bytes)
+    except Exception as e:  # noqa: BLE001
+        logging.info("memory_analysis unavailable: %s", e)
+    try:
+        cost = compiled.cost_analysis()
+        if isinstance(cost, list | tuple):
+            cost = cost[0] if cost else None
+        if cost and "flops" in cost:
+            out["xla_flops_per_device_step"] = float(cost["flops"])
+    except Exception as e:  # noqa: BLE001
+        logging.info("cost_analysis unavailable: %s", e)
+    return out
+
+
+def measure_jax(options: Options) -> dict:
+    """Builds and times the train step; returns the measured fields (see the module docstring)."""
+    o = options.resolved()
+    devices = jax.devices()[: o.num_devices] if o.num_devices else jax.devices()
+    mesh = parallel.create_mesh(devices)
+    parallel.check_batch_size(o.batch_size, mesh)
+    config = build_config(o)
+    total_steps = optim.total_steps(config, STEPS_PER_EPOCH)
+
+    model = train.create_model(config, o.num_classes)
+    num_heads = model.num_heads
+    tx, schedule = optim.create_optimizer(config, STEPS_PER_EPOCH)
+    graphdef, state = train.initial_state(model, tx)
+    del model
+    num_params = int(sum(x.size for x in jax.tree.leaves(state["params"])))
+    spec = train.objective_spec(config, num_heads, STEPS_PER_EPOCH, total_steps)
+    step_fn = train.make_train_step(graphdef, tx, schedule, spec, o.seed)
+    state = parallel.replicate(state, mesh)
+    batches = synthetic_batches(o, mesh)
+    jax.block_until_ready((state, batches))
+
+    jitted = jax.jit(step_fn, donate_argnums=0)
+    t0 = time.perf_counter()
+    lowered = jitted.lower(state, batches[0])
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+
+    for i in range(o.warmup):
+        state, metrics = compiled(state, batches[i % o.num_batches])
+    jax.block_until_ready((state, metrics))
+    loss = float(metrics["loss"])
+    if not math.isfinite(loss):
+        raise FloatingPointError(f"non-finite loss {loss} during warm-up")
+
+    times = []
+    for i in range(o.steps):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batches[i % o.num_batches])
+        metrics["loss"].block_until_ready()
+        times.append(time.perf_counter() - start)
+    jax.block_until_ready(state)
+
+    start = time.perf_counter()
+    for i in range(o.steps):
+        state, metrics = compiled(state, batches[i % o.num_batches])
+    jax.block_until_ready((state, metrics))
+    pipelined = (time.perf_counter() - start) / o.steps
+    final_loss = float(metrics["loss"])
+
+    step_s = statistics.median(times)
+    comp = models.complexity(o.model, o.num_classes, image_size=o.image_size, aux=o.aux,
+                             branches=o.branches or None)
+    macs = int(comp["total"]["macs"])
+    kind = devices[0].device_kind
+    ref_peak, sheet_peak, peak_source = peak_flops(kind, o.dtype)
+    images_per_sec = o.batch_size / step_s
+    result = {
+        "device": kind,
+        "platform": devices[0].platform,
+        "num_devices": len(devices),
+        "model": o.model,
+        "aux": o.aux,
+        "branches": o.branches,
+        "method": o.method,
+        "num_heads": num_heads,
+        "batch_size": o.batch_size,
+        "image_size": o.image_size,
+        "num_classes": o.num_classes,
+        "dtype": o.dtype,
+        "bn_group_size": o.bn_group_size,
+        "steps": o.steps,
+        "warmup": o.warmup,
+        "num_params": num_params,
+        "images_per_sec": images_per_sec,
+        "step_ms": 1e3 * step_s,
+        "step_ms_min": 1e3 * min(times),
+        "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
+        "pipelined_step_ms": 1e3 * pipelined,
+        "pipelined_images_per_sec": o.batch_size / pipelined,
+        "lower_s": t1 - t0,
+        "compile_s": t2 - t0,
+        "peak_memory_bytes": _memory_peak(devices),
+        "macs_per_image": macs,
+        "macs_main_per_image": int(comp["main"]["macs"]),
+        "train_flops_per_image": 6 * macs,
+        "peak_flops_per_device": ref_peak,
+        "peak_flops_source": peak_source,
+        "mfu": mfu(macs, images_per_sec, ref_peak, len(devices)),
+        "mfu_datasheet": mfu(macs, images_per_sec, sheet_peak, len(devices)),
+        "loss_first": loss,
+        "loss_last": final_loss,
+    }
+    xla = _xla_analysis(compiled)
+    if "xla_flops_per_device_step" in xla:
+        xla["xla_flops_per_image"] = xla["xla_flops_per_device_step"] * len(devices) / o.batch_size
+    result.update(xla)
+    return result
+
+
+# ---- the PyTorch reference ----------------------------------------------------------------------
+
+
+def torch_command(options: Options, json_out: str, *, python: str | None = None,
+                  compile_mode: str = "auto") -> list[str]:
+    """The command line of ``benchmarks/torch_reference.py`` for the same measurement."""
+    o = options.resolved()
+    if o.model not in TORCH_MODELS:
+        raise ValueError(f"the PyTorch reference has models {TORCH_MODELS}, not {o.model!r}")
+    if o.aux not in ("none", "paper"):
+        raise ValueError(f"the PyTorch reference has aux 'none' and 'paper', not {o.aux!r}")
+    if o.method not in TORCH_METHODS:
+        raise ValueError(f"the PyTorch reference has methods {TORCH_METHODS}, not {o.method!r}")
+    if o.branches:
+        raise ValueError("the PyTorch reference builds the default branches only")
+    return [
+        python or sys.executable, str(TORCH_SCRIPT),
+        "--model", o.model, "--aux", o.aux, "--method", o.method,
+        "--batch_size", str(o.batch_size), "--image_size", str(o.image_size),
+        "--num_classes", str(o.num_classes), "--dtype", o.dtype,
+        "--steps", str(o.steps), "--warmup", str(o.warmup), "--num_batches", str(o.num_batches),
+        "--seed", str(o.seed), "--compile", compile_mode, "--json_out", json_out,
+    ]
+
+
+def measure_torch(options: Options, *, python: str | None = None, compile_mode: str = "auto",
+                  timeout: float | None = None) -> dict:
+    """Runs the PyTorch reference in a subprocess; returns its result (or ``{"error": ...}``)."""
+    if not TORCH_SCRIPT.exists():
+        return {"error": f"{TORCH_SCRIPT} not found (run from a checkout of the repository)"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "torch.json")
+        cmd = torch_command(options, out, python=python, compile_mode=compile_mode)
+        logging.info("PyTorch reference: %s", shlex.join(cmd))
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout} s"}
+        if proc.returncode != 0 or not os.path.exists(out):
+            tail = (proc.stderr or proc.stdout).strip().splitlines()[-5:]
+            return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
+        with open(out) as f:
+            return json.load(f)
+
+
+# ---- records ------------------------------------------------------------------------------------
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def make_record(result: dict, command: str, torch_result: dict | None = None,
+                now: datetime.datetime | None = None) -> dict:
+    """The JSON record: environment + the JAX measurement (+ the PyTorch one, prefixed ``torch_``)."""
+    import flax
+    import jaxlib
+    import optax
+
+    now = now or datetime.datetime.now(datetime.timezone.utc)
+    record = {
+        "date": now.strftime("%Y-%m-%d"),
+        "timestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "command": command,
+        "jax_version": jax.__version__,
+        "jaxlib_version": jaxlib.__version__,
+        "flax_version": flax.__version__,
+        "optax_version": optax.__version__,
+        "python_version": platform.python_version(),
+        "host": platform.node(),
+        "git_commit": _git_commit(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+    record.update(result)
+    if torch_result is not None:
+        if "error" in torch_result:
+            record["torch_error"] = torch_result["error"]
+            record["torch_images_per_sec"] = None
+        else:
+            for k, v in torch_result.items():
+                record[k if k.startswith("torch_") else f"torch_{k}"] = v
+            record["jax_over_torch"] = record["images_per_sec"] / record["torch_images_per_sec"]
+    return record
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-") or "x"
+
+
+def record_path(record: dict, output: str) -> pathlib.Path:
+    """``output`` if it ends in .json, else a new file in the folder ``output``."""
+    path = pathlib.Path(output)
+    if path.suffix == ".json":
+        return path
+    stamp = record["timestamp"].replace("-", "").replace(":", "")
+    name = "_".join([
+        stamp, _slug(record["device"]), record["model"], record["aux"], record["method"],
+        f"b{record['batch_size']}", f"{record['image_size']}px", record["dtype"],
+    ])
+    candidate = path / f"{name}.json"
+    n = 1
+    while candidate.exists():
+        candidate = path / f"{name}-{n}.json"
+        n += 1
+    return candidate
+
+
+def write_record(record: dict, output: str) -> pathlib.Path:
+    path = record_path(record, output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def _fmt(value, fmt: str, scale: float = 1.0, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value / scale:{fmt}}{unit}"
+
+
+def summary(record: dict) -> str:
+    """A few human-readable lines of a record."""
+    lines = [
+        f"{record['model']} aux={record['aux']} method={record['method']} "
+        f"batch={record['batch_size']} {record['image_size']}px {record['dtype']} on "
+        f"{record['num_devices']} x {record['device']} (JAX {record['jax_version']})",
+        f"  images/s      {record['images_per_sec']:.1f}   (pipelined "
+        f"{record['pipelined_images_per_sec']:.1f})",
+        f"  step ms       {record['step_ms']:.2f} median, {record['step_ms_min']:.2f} min, "
+        f"{record['step_ms_p90']:.2f} p90 over {record['steps']} steps",
+        f"  compile s     {record['compile_s']:.2f} (lower {record['lower_s']:.2f})",
+        f"  peak memory   {_fmt(record['peak_memory_bytes'], '.2f', 2**30, ' GiB')}",
+        f"  MACs/image    {record['macs_per_image'] / 1e9:.3f} G forward "
+        f"({record['train_flops_per_image'] / 1e9:.2f} GFLOP per training image)",
+        f"  MFU           {_fmt(record['mfu'], '.1%')} (datasheet peak: "
+        f"{_fmt(record['mfu_datasheet'], '.1%')})",
+    ]
+    if "torch_images_per_sec" in record:
+        if record["torch_images_per_sec"] is None:
+            lines.append(f"  PyTorch       failed: {record.get('torch_error')}")
+        else:
+            lines.append(
+                f"  PyTorch       {record['torch_images_per_sec']:.1f} images/s, "
+                f"{record['torch_step_ms']:.2f} ms/step, compile {record['torch_compile_s']:.1f} s "
+                f"-> JAX / PyTorch = {record['jax_over_torch']:.2f}x"
+            )
+    return "\n".join(lines)
+
+
+# ---- command line -------------------------------------------------------------------------------
+
+
+def define_flags(flag_values=None):
+    """Defines the command-line flags on ``flag_values`` (default: absl's global ``FLAGS``)."""
+    from absl import flags
+
+    fv = flags.FLAGS if flag_values is None else flag_values
+    d = Options()
+    kw = {"flag_values": fv}
+    flags.DEFINE_string("model", d.model, f"Registry name: {', '.join(models.names())}.", **kw)
+    flags.DEFINE_string("aux", None, "Branch design (paper, none, ...); default: none for the "
+                        "baseline method, else paper.", **kw)
+    flags.DEFINE_string("method", d.method, "Objective: baseline, ds, dsn, dks, dhm, byot.", **kw)
+    flags.DEFINE_string("branches", d.branches, "Active classifiers, e.g. C1C2C3C4; '' = default.",
+                        **kw)
+    flags.DEFINE_integer("batch_size", d.batch_size, "Global batch (split over the devices).", **kw)
+    flags.DEFINE_integer("image_size", d.image_size, "Image side; 0 = the model's design size.",
+                         **kw)
+    flags.DEFINE_integer("num_classes", d.num_classes, "0 = 1000 for ImageNet models, else 10.",
+                         **kw)
+    flags.DEFINE_enum("dtype", d.dtype, list(train.DTYPES), "Compute dtype (parameters float32).",
+                      **kw)
+    flags.DEFINE_integer("steps", d.steps, "Timed steps (median reported).", **kw)
+    flags.DEFINE_integer("warmup", d.warmup, "Untimed steps after compilation.", **kw)
+    flags.DEFINE_integer("num_batches", d.num_batches, "Distinct synthetic batches rotated over.",
+                         **kw)
+    flags.DEFINE_integer("bn_group_size", d.bn_group_size, "BatchNorm group; 0 = whole batch.",
+                         **kw)
+    flags.DEFINE_integer("num_devices", d.num_devices, "Devices of the mesh; 0 = all.", **kw)
+    flags.DEFINE_integer("seed", d.seed, "Seed of the parameters and the synthetic data.", **kw)
+    flags.DEFINE_string("output", DEFAULT_OUTPUT, "Folder for a new record, or a .json path; "
+                        "'' writes none.", **kw)
+    flags.DEFINE_bool("compare_torch", False, "Also run benchmarks/torch_reference.py (first, "
+                      "in a subprocess) and record torch_images_per_sec.", **kw)
+    flags.DEFINE_string("torch_python", None, "Python that runs the PyTorch reference "
+                        "(default: this one).", **kw)
+    flags.DEFINE_enum("torch_compile", "auto", ["auto", "on", "off"],
+                      "torch.compile in the reference: auto = on for CUDA, off on CPU.", **kw)
+    flags.DEFINE_float("torch_timeout", 1800.0, "Seconds before the reference is given up.", **kw)
+    return fv
+
+
+def options_from_flags(flag_values) -> Options:
+    fields = {f.name for f in dataclasses.fields(Options)}
+    return Options(**{name: flag_values[name].value for name in fields})
+
+
+def run(options: Options, *, command: str, output: str | None = DEFAULT_OUTPUT,
+        compare_torch: bool = False, torch_python: str | None = None,
+        torch_compile: str = "auto", torch_timeout: float | None = None) -> dict:
+    """Measures (PyTorch first when asked), writes the record unless ``output`` is empty."""
+    options = options.resolved()
+    torch_result = None
+    if compare_torch:
+        torch_result = measure_torch(options, python=torch_python, compile_mode=torch_compile,
+                                     timeout=torch_timeout)
+        if "error" in torch_result:
+            logging.warning("The PyTorch reference failed: %s", torch_result["error"])
+    record = make_record(measure_jax(options), command, torch_result)
+    if output:
+        record["path"] = str(write_record(record, output))
+    return record
+
+
+def run_from_flags(fv, argv: list[str]) -> dict:
+    """Runs the measurement described by parsed flags; prints the summary; returns the record."""
+    command = "python -m dks_jax.benchmark " + shlex.join(argv[1:])
+    record = run(options_from_flags(fv), command=command.strip(), output=fv.output,
+                 compare_torch=fv.compare_torch, torch_python=fv.torch_python,
+                 torch_compile=fv.torch_compile, torch_timeout=fv.torch_timeout)
+    print(summary(record), flush=True)
+    if record.get("path"):
+        print(f"  record        {record['path']}", flush=True)
+    return record
+
+
+def cli(argv: list[str]) -> dict:
+    """``python -m dks_jax.benchmark`` without absl's global flags (for tests and scripts)."""
+    from absl import flags
+
+    fv = define_flags(flags.FlagValues())
+    fv(argv)
+    return run_from_flags(fv, argv)
+
+
+def main(argv):
+    from absl import app, flags
+
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.getLogger().setLevel(logging.INFO)
+    run_from_flags(flags.FLAGS, sys.argv)
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    define_flags()
+    app.run(main)
