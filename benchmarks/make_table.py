@@ -3,6 +3,7 @@
     python benchmarks/make_table.py                      # every record under benchmarks/results
     python benchmarks/make_table.py results/a.json dir/  # given files and folders
     python benchmarks/make_table.py --output /tmp/table.md --all
+    python benchmarks/make_table.py --device H100         # only records of matching devices
 
 Prints (or writes) Markdown: one row per measurement (by default the newest record of each
 configuration; ``--all`` keeps every record), then the issue 6 targets where both sides of a ratio
@@ -159,9 +160,13 @@ def main(argv=None) -> str:
     p.add_argument("paths", nargs="*", default=[str(DEFAULT_DIR)],
                    help="record files or folders (default: benchmarks/results)")
     p.add_argument("--all", action="store_true", help="every record, not the newest per config")
+    p.add_argument("--device", default="",
+                   help="only records whose device contains this text (case-insensitive), e.g. H100")
     p.add_argument("--output", default="", help="write the Markdown here instead of stdout")
     args = p.parse_args(argv)
     records = load_records(args.paths)
+    if args.device:
+        records = [r for r in records if args.device.lower() in r["device"].lower()]
     if not args.all:
         records = latest(records)
     text = render(records)

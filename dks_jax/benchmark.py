@@ -408,6 +408,8 @@ def make_record(result: dict, command: str, torch_result: dict | None = None,
         "host": platform.node(),
         "git_commit": _git_commit(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        # A persistent compilation cache would make compile_s a cache read: recorded, never set here.
+        "jax_compilation_cache_dir": jax.config.jax_compilation_cache_dir,
     }
     record.update(result)
     if torch_result is not None:

@@ -150,6 +150,7 @@ def test_make_table_latest_overhead_and_targets(tmp_path):
     assert make_table.main([str(tmp_path), "--output", str(out), "--all"]) == out.read_text()
     assert out.read_text().count("| resnet18 |") == 3 + 1  # every record, plus the overhead row
     assert make_table.render([]) == "_No benchmark records._\n"
+    assert make_table.main([str(tmp_path), "--device", "A100"]) == "_No benchmark records._\n"
 
 
 def test_torch_command_and_a_failed_reference_is_recorded():
