@@ -227,3 +227,17 @@ def test_torch_reference_runs_through_the_comparison_path(torch_reference):
     assert record["torch_images_per_sec"] == result["images_per_sec"]
     assert record["torch_version"] == result["torch_version"] and record["torch_device"] == "cpu"
     assert record["jax_over_torch"] == pytest.approx(3.0 / result["images_per_sec"])
+
+
+def test_compare_dry_run_lists_the_issue_cases(capsys):
+    import compare
+
+    assert compare.main(["--dry_run", "--python", "py", "--steps", "7"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
+    assert [line.split(":")[0][3:] for line in lines] == list(compare.CASES)
+    first = lines[0]
+    assert "py -m dks_jax.benchmark --model=resnet18 --method=baseline" in first
+    assert "--steps=7" in first and "--compare_torch" in first
+    assert "--compare_torch" not in lines[-1]  # CIFAR: JAX only
+    with pytest.raises(SystemExit):
+        compare.main(["--dry_run", "--cases", "resnet9"])
