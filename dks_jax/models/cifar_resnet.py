@@ -148,6 +148,11 @@ _RESNET1202_WIDE = (
 
 
 MODELS = {
+    # ResNet-8 (n=1): not in the papers; the smallest member of the family, for tests and demos.
+    "cifar_resnet8": ModelSpec(
+        CifarResNet, _stages(1), {"paper": _paper((1, 1), 1)},
+        reference=(10, "not in the papers: He et al. 2016 6n+2 family with n=1"),
+    ),
     "cifar_resnet32": ModelSpec(
         CifarResNet, _stages(5), {"paper": _paper((5, 3), 5), **_RESNET32_ABLATIONS},
         reference=(10, "0.46M, He et al. 2016, Table 6"),

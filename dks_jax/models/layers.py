@@ -291,7 +291,7 @@ def dropout(x: jax.Array, rate: float, *, train: bool, rngs: nnx.Rngs | None) ->
 def max_pool(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
     """``nn.MaxPool2d(kernel, stride, padding)`` on NHWC (padding never wins the max)."""
     pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
-    init = jnp.array(-jnp.inf, x.dtype)
+    init = -jnp.inf  # a Python scalar: a typed array makes the reduction non-differentiable
     return jax.lax.reduce_window(
         x, init, jax.lax.max, (1, kernel, kernel, 1), (1, stride, stride, 1), pad
     )
