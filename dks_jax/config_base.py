@@ -17,7 +17,7 @@ def base() -> ml_collections.ConfigDict:
     # Model (dks_jax.models.create).
     c.model = "cifar_resnet32"
     c.aux = "paper"  # paper | none | simple | ap_2fc | ap_conv_2fc | narrow | shallow
-    c.branches = ()  # active attachment points, e.g. (1, 2); () = the design's default set
+    c.branches = ""  # active classifiers by DKS name, e.g. "C1C2C3"; "" = the design's default set
     c.num_classes = 0  # 0 = the data set's number of classes
     c.dropout = 0.0  # WRN only (0.3 in the papers' strong-regularisation rows)
     c.zero_init_residual = False

@@ -370,14 +370,18 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
         pending.first_step = step
         last_log = (now, step)
 
-    profile = None
-    if config.profile_steps and jax.process_index() == 0 and metrics.tensorflow_available():
+    # clu periodic actions (they import TensorFlow): progress notes, and a profile on request.
+    hooks = []
+    if jax.process_index() == 0 and metrics.tensorflow_available():
         from clu import periodic_actions
 
-        profile = periodic_actions.Profile(
-            logdir=str(workdir), num_profile_steps=config.profile_steps,
-            first_profile=min(start_step + config.log_every_steps, total_steps),
-        )
+        hooks.append(periodic_actions.ReportProgress(
+            num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps,
+            every_secs=None))
+        if config.profile_steps:
+            hooks.append(periodic_actions.Profile(
+                logdir=str(workdir), num_profile_steps=config.profile_steps,
+                first_profile=min(start_step + config.log_every_steps, total_steps)))
 
     final = {}
     step = start_step
@@ -391,8 +395,8 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
                 state, step_metrics = train_step(state, batch)
             pending.items.append(step_metrics)
             step += 1
-            if profile is not None:
-                profile(step)
+            for hook in hooks:
+                hook(step)
             if step % config.log_every_steps == 0 or step == total_steps:
                 flush(step)
             if step % eval_every == 0 or step == total_steps:
@@ -400,8 +404,8 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
                 final = evaluate(state)
                 writer.write_scalars(step, final)
                 if final["eval_top1/C1"] > float(jax.device_get(state["best_top1"])):
-                    state["best_top1"] = jnp.asarray(final["eval_top1/C1"], jnp.float32)
-                    state = parallel.replicate(state, mesh)
+                    state["best_top1"] = parallel.replicate(
+                        np.float32(final["eval_top1/C1"]), mesh)
                     ckpts.save_best(step, state, final["eval_top1/C1"])
             stopping = preemption.requested or step == stop_at_step or (
                 jax.process_count() > 1 and ckpts.reached_preemption(step))

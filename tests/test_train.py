@@ -1,0 +1,219 @@
+"""train_and_evaluate end to end on the real CIFAR-10 images (a small subset), with a tiny model."""
+
+import json
+import math
+
+import jax
+import numpy as np
+import optax
+import pytest
+
+from dks_jax import checkpointing, config_base, metrics, parallel, train
+
+TINY = dict(model="cifar_resnet8")
+TRAIN_IMAGES = 400  # the cifar_subset fixture: 40 per class
+
+
+def tiny_config(data_root, **overrides):
+    """A few steps of a tiny CIFAR ResNet on the real-image subset (unlocked, for tests)."""
+    c = config_base.base()
+    c.model = TINY["model"]
+    c.dataset, c.data_dir = str(data_root), ""
+    c.num_classes = 10
+    c.loader = "in_memory"
+    c.batch_size, c.eval_batch_size = 16, 48
+    c.num_epochs = 2 * 16 / TRAIN_IMAGES * 2  # 4 steps
+    c.learning_rate = 0.05
+    c.lr_boundaries = (1.0,)
+    c.log_every_steps = 2
+    c.eval_every_epochs = 100.0  # only at the end
+    c.checkpoint_every_epochs = 100.0
+    c.async_checkpointing = False
+    for k, v in overrides.items():
+        if "." in k:
+            sub, field = k.split(".")
+            c[sub][field] = v
+        else:
+            c[k] = v
+    return c
+
+
+def flat(tree) -> dict:
+    """``{"a/0/b": array}``: a pytree's leaves by path (restores spell list indices as strings)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): np.asarray(x)
+            for path, x in leaves}
+
+
+def params_of(workdir):
+    """The latest checkpoint's parameters, as NumPy."""
+    ck = checkpointing.Checkpoints(workdir, async_save=False)
+    step = ck.latest_step()
+    state = ck._manager.restore(step)  # raw restore, no target
+    ck.close()
+    return step, jax.tree.map(np.asarray, state["params"])
+
+
+@pytest.mark.parametrize("method", ["baseline", "ds", "dsn", "dks", "dhm", "byot"])
+def test_every_method_trains_end_to_end(cifar_subset, tmp_path, method):
+    config = tiny_config(cifar_subset, method=method, aux="none" if method == "baseline" else "paper")
+    result = train.train_and_evaluate(config, tmp_path)
+    heads = 1 if method == "baseline" else 3
+    assert result["eval_count"] == 200  # every test image exactly once
+    for i in range(heads):
+        assert 0.0 <= result[f"eval_top1/C{i + 1}"] <= result[f"eval_top5/C{i + 1}"] <= 100.0
+    assert ("eval_top1/ensemble" in result) == (heads > 1)
+    logged = metrics.read_metrics(tmp_path)
+    train_rows = [r for r in logged if "loss" in r]
+    assert train_rows and all(math.isfinite(r["loss"]) for r in train_rows)
+    for key in ("lr", "grad_norm", "param_norm", "images_per_sec", "eta_min", "train_top1/C1"):
+        assert key in train_rows[-1]
+    assert any(k.startswith("loss/") for k in train_rows[-1])
+    assert (tmp_path / "export" / checkpointing.EXPORT_META).exists()
+    assert (tmp_path / "config.json").exists()
+
+
+def test_loss_falls_on_real_images(cifar_subset, tmp_path):
+    config = tiny_config(cifar_subset, method="dks", num_epochs=8.0, log_every_steps=25,
+                         learning_rate=0.05, lr_boundaries=(100.0,), batch_size=32)
+    train.train_and_evaluate(config, tmp_path)
+    rows = [r for r in metrics.read_metrics(tmp_path) if "loss" in r]
+    assert len(rows) >= 4
+    print([(r["loss"], r["loss/ce/0"]) for r in rows])
+    assert rows[-1]["loss"] < 0.9 * rows[0]["loss"], rows
+    assert rows[-1]["loss/ce/0"] < 0.9 * rows[0]["loss/ce/0"], rows
+
+
+def test_resume_continues_exactly(cifar_subset, tmp_path):
+    config = tiny_config(cifar_subset, method="dhm", num_epochs=6 * 16 / TRAIN_IMAGES)
+    train.train_and_evaluate(config, tmp_path / "straight")
+    out = train.train_and_evaluate(config, tmp_path / "resumed", stop_at_step=3)
+    assert out == {"stopped_at_step": 3}
+    train.train_and_evaluate(config, tmp_path / "resumed")
+    step_a, a = params_of(tmp_path / "straight")
+    step_b, b = params_of(tmp_path / "resumed")
+    assert step_a == step_b == 6
+    jax.tree.map(np.testing.assert_array_equal, a, b)
+
+
+def test_one_and_eight_devices_agree(cifar_subset, tmp_path):
+    """Whole-batch BN (bn_group_size=0): 1 and 8 devices compute the same training run up to fp32
+    summation order: after 2 steps the parameters differ by ~0.3% of how far training moved them
+    (measured 2026-11-22; BN channels with tiny variance amplify the reduction-order noise), while
+    per-device BN statistics (groups of 2 = each device's share) differ by ~34%."""
+    assert jax.device_count() == 8
+    config = tiny_config(cifar_subset, method="dks", num_epochs=2 * 16 / TRAIN_IMAGES, log_every_steps=1)
+    r1 = train.train_and_evaluate(config, tmp_path / "one", mesh=parallel.create_mesh(jax.devices()[:1]))
+    r8 = train.train_and_evaluate(config, tmp_path / "eight", mesh=parallel.create_mesh())
+    config.bn_group_size = 2
+    train.train_and_evaluate(config, tmp_path / "grouped", mesh=parallel.create_mesh())
+    _, a = params_of(tmp_path / "one")
+    _, b = params_of(tmp_path / "eight")
+    _, g = params_of(tmp_path / "grouped")
+    init = train.initial_state(train.create_model(config, 10), optax.identity())[1]["params"]
+    norm = lambda p, q: float(np.sqrt(sum(np.sum((x - flat(q)[k]) ** 2) for k, x in flat(p).items())))
+    moved = norm(a, init)  # how far two steps of training moved the parameters
+    assert norm(a, b) < 1e-2 * moved, (norm(a, b), moved)
+    assert norm(a, g) > 1e-1 * moved, (norm(a, g), moved)
+    loss = lambda d: [r["loss"] for r in metrics.read_metrics(d) if "loss" in r]
+    np.testing.assert_allclose(loss(tmp_path / "one"), loss(tmp_path / "eight"), rtol=1e-4)
+    assert r1["eval_count"] == r8["eval_count"] == 200
+
+
+def test_export_round_trip(cifar_subset, tmp_path):
+    config = tiny_config(cifar_subset, method="dks")
+    train.train_and_evaluate(config, tmp_path)
+    model, meta = train.load_exported_model(tmp_path / "export")
+    assert meta["model"] == config.model and model.num_heads == 1
+    # The training model (with branches) restored from the last checkpoint gives the same main logits.
+    full = train.create_model(config, 10)
+    from flax import nnx
+
+    graphdef, params, stats = nnx.split(full, nnx.Param, nnx.BatchStat)
+    _, state = params_of(tmp_path)
+    ck = checkpointing.Checkpoints(tmp_path, async_save=False)
+    raw = ck._manager.restore(ck.latest_step())
+    ck.close()
+    trained = nnx.merge(graphdef, raw["params"], raw["batch_stats"])
+    x = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
+    np.testing.assert_allclose(model(x, train=False)[0], trained(x, train=False)[0], rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_kd_uses_a_teacher_export(cifar_subset, tmp_path):
+    teacher = tiny_config(cifar_subset, method="baseline", aux="none")
+    train.train_and_evaluate(teacher, tmp_path / "teacher")
+    student = tiny_config(cifar_subset, method="kd", aux="paper")
+    student.loss.teacher_checkpoint = str(tmp_path / "teacher")
+    student.loss.kd_heads = (0, 1)
+    result = train.train_and_evaluate(student, tmp_path / "student")
+    rows = [r for r in metrics.read_metrics(tmp_path / "student") if "loss" in r]
+    assert any("kd" in k for k in rows[-1]) and result["eval_count"] == 200
+
+
+def test_nan_stops_the_run_naming_the_step(cifar_subset, tmp_path):
+    config = tiny_config(cifar_subset, method="ds", learning_rate=1e30, num_epochs=0.4)
+    with pytest.raises(FloatingPointError, match=r"at step \d+.*checkpoint"):
+        train.train_and_evaluate(config, tmp_path)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("model", "resnet9000", "Unknown config.model.*cifar_resnet32"),
+    ("method", "magic", "Unknown config.method.*dks"),
+    ("dtype", "float8", "Unknown config.dtype"),
+])
+def test_unknown_names_list_the_valid_ones(cifar_subset, tmp_path, field, value, match):
+    with pytest.raises(ValueError, match=match):
+        train.train_and_evaluate(tiny_config(cifar_subset, **{field: value}), tmp_path)
+
+
+def test_unknown_dataset_is_a_clear_error(tmp_path):
+    config = tiny_config(tmp_path / "no_such_dataset")
+    config.dataset = "no_such_dataset"
+    with pytest.raises((ValueError, FileNotFoundError), match="no_such_dataset"):
+        train.train_and_evaluate(config, tmp_path / "run")
+
+
+def test_unknown_config_field_is_rejected():
+    config = config_base.base()
+    config.lock()
+    with pytest.raises(AttributeError, match="learning_rat"):
+        config.learning_rat = 0.3
+
+
+def test_batch_that_does_not_divide_over_devices(cifar_subset, tmp_path):
+    with pytest.raises(ValueError, match="multiple of 8"):
+        train.train_and_evaluate(tiny_config(cifar_subset, batch_size=12), tmp_path)
+
+
+def test_workdir_of_another_model_is_refused_then_moved_aside(cifar_subset, tmp_path):
+    train.train_and_evaluate(tiny_config(cifar_subset, method="dks"), tmp_path)
+    other = tiny_config(cifar_subset, method="baseline", aux="none")
+    with pytest.raises(checkpointing.CheckpointError, match="different run.*start_over"):
+        train.train_and_evaluate(other, tmp_path)
+    other.start_over = True
+    train.train_and_evaluate(other, tmp_path)
+    assert (tmp_path / "previous-0" / "checkpoints").exists()  # nothing lost
+    assert json.loads((tmp_path / "config.json").read_text())["aux"] == "none"
+
+
+def test_corrupt_latest_checkpoint_falls_back(cifar_subset, tmp_path, caplog):
+    config = tiny_config(cifar_subset, method="ds", checkpoint_every_epochs=2 * 16 / TRAIN_IMAGES)
+    train.train_and_evaluate(config, tmp_path)
+    ck = checkpointing.Checkpoints(tmp_path, async_save=False)
+    assert ck.all_steps() == [2, 4]
+    ck.close()
+    for f in (tmp_path / "checkpoints" / "4").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0:
+            f.write_bytes(b"garbage")
+    config.num_epochs = 6 * 16 / TRAIN_IMAGES
+    with caplog.at_level("WARNING"):
+        train.train_and_evaluate(config, tmp_path)
+    assert "unreadable" in caplog.text
+    assert (tmp_path / "checkpoints" / "corrupt-4").exists()
+    ck = checkpointing.Checkpoints(tmp_path, async_save=False)
+    assert ck.latest_step() == 6
+    ck.close()
