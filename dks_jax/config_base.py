@@ -59,6 +59,7 @@ def base() -> ml_collections.ConfigDict:
     c.eval_batch_size = 0  # 0 = batch_size
     c.num_epochs = 200.0
     c.seed = 0
+    c.num_seeds = 1  # > 1: seeds seed, seed+1, ... trained at once, the state vmapped (in-memory data)
     c.optimizer = "sgd"
     c.learning_rate = 0.1
     c.momentum = 0.9

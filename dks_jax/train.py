@@ -12,9 +12,9 @@ pytree. The state is replicated over the mesh, batches are split over its ``'dat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
-import math
 import signal
 import threading
 import time
@@ -25,11 +25,24 @@ import numpy as np
 import optax
 from flax import nnx
 
-from dks_jax import checkpointing, config_base, data, losses, metrics, models, optim, parallel, paths
+from dks_jax import (
+    analysis,
+    checkpointing,
+    config_base,
+    data,
+    losses,
+    metrics,
+    models,
+    optim,
+    parallel,
+    paths,
+    seeds,
+)
 
 # Fields that decide the shapes of the train state: a workdir whose checkpoints were written with
 # other values belongs to another run.
-STATE_FIELDS = ("model", "aux", "branches", "num_classes", "dataset", "optimizer", "momentum")
+STATE_FIELDS = ("model", "aux", "branches", "num_classes", "dataset", "optimizer", "momentum",
+                "num_seeds")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -52,6 +65,8 @@ def validate_config(config) -> None:
         )
     if config.method == "kd" and not config.loss.teacher_checkpoint:
         raise ValueError("config.method='kd' needs --config.loss.teacher_checkpoint=<export folder>.")
+    if config.num_seeds < 0:
+        raise ValueError("config.num_seeds must be >= 0 (0 or 1: one run).")
     if config.num_epochs <= 0 or config.batch_size <= 0:
         raise ValueError("config.num_epochs and config.batch_size must be positive.")
 
@@ -289,11 +304,17 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
     every = lambda epochs: max(1, int(round(epochs * steps_per_epoch)))
     eval_every, ckpt_every = every(config.eval_every_epochs), every(config.checkpoint_every_epochs)
 
-    model = create_model(config, num_classes)
-    num_heads = model.num_heads
     tx, schedule = optim.create_optimizer(config, steps_per_epoch)
-    graphdef, state = initial_state(model, tx)
-    del model
+    # config.num_seeds > 1: that many runs (seeds config.seed, config.seed + 1, ...) in one program,
+    # the train state stacked along a leading seed axis and the step vmapped over it (seeds.py).
+    seed_list = [config.seed + i for i in range(config.num_seeds)] if config.num_seeds > 1 else None
+    if seed_list and dataset.loader != "in_memory":
+        raise ValueError("config.num_seeds > 1 needs the in-memory loader (--config.loader=in_memory).")
+    if seed_list:
+        graphdef, state = seeds.init_states(config, num_classes, seed_list, tx)
+    else:
+        graphdef, state = initial_state(create_model(config, num_classes), tx)
+    num_heads = nnx.merge(graphdef, state["params"], state["batch_stats"]).num_heads
     spec = objective_spec(config, num_heads, steps_per_epoch, total_steps)
     teacher_graphdef, teacher_state = None, None
     if config.method == "kd":
@@ -308,7 +329,7 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
     if restored is not None:
         state = restored[1]
         logging.info("Resumed from step %d in %s", restored[0], ckpts.directory)
-    start_step = int(jax.device_get(state["step"]))
+    start_step = int(np.ravel(jax.device_get(state["step"]))[0])
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
 
@@ -316,28 +337,56 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     summary = {"num_params": n_params, "num_heads": num_heads, "steps_per_epoch": steps_per_epoch,
                "total_steps": total_steps, "num_devices": mesh.devices.size,
-               "num_train": dataset.num_train, "num_eval": dataset.num_eval}
+               "num_train": dataset.num_train, "num_eval": dataset.num_eval,
+               "num_seeds": len(seed_list or [config.seed])}
     summary.update({f"label_noise/{k}": v for k, v in dataset.label_noise_report.items()})
     logging.info("Run: %s", summary)
     if start_step == 0:
         writer.write_scalars(0, summary)
 
-    train_step = jax.jit(
-        make_train_step(graphdef, tx, schedule, spec, config.seed, teacher_graphdef),
-        donate_argnums=0,
-    )
-    eval_step = jax.jit(make_eval_step(graphdef))
+    make_step = lambda seed: make_train_step(graphdef, tx, schedule, spec, seed, teacher_graphdef)
+    if seed_list:
+        train_step = jax.jit(seeds.vmap_seeded_step(make_step, seed_list), donate_argnums=0)
+        eval_step = jax.jit(seeds.vmap_eval(make_eval_step(graphdef)))
+    else:
+        train_step = jax.jit(make_step(config.seed), donate_argnums=0)
+        eval_step = jax.jit(make_eval_step(graphdef))
+    # Gradient consistency (DKS supplement, Proposition 1), logged at every evaluation on the first
+    # evaluation batch: cosine between the main and each auxiliary CE gradient at the shared map.
+    consistency = None
+    if num_heads > 1 and not seed_list:
+        consistency = jax.jit(functools.partial(analysis.gradient_consistency, graphdef))
+        probe = next(iter(dataset.eval_iterator(eval_batch)))
 
     def evaluate(state) -> dict:
+        """Top-1/top-5 (%) of every head and the ensemble; with seeds, their mean and ``per_seed``."""
         totals = None
         for batch in dataset.eval_iterator(eval_batch):
             sums = eval_step(state, batch)
             totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         totals = jax.device_get(totals)
-        count = int(totals.pop("count"))
-        result = {f"eval_{k}": 100.0 * float(v) / count for k, v in totals.items()}
-        result["eval_count"] = count
+        count = np.asarray(totals.pop("count"))
+        values = {f"eval_{k}": 100.0 * np.asarray(v, np.float64) / count for k, v in totals.items()}
+        result = {k: float(np.mean(v)) for k, v in values.items()}
+        result["eval_count"] = int(np.ravel(count)[0])
+        if consistency is not None:
+            cos = consistency(state["params"], state["batch_stats"], probe["image"], probe["label"],
+                              probe["mask"])
+            result.update({k: float(v) for k, v in jax.device_get(cos).items()})
+        if seed_list:
+            result["per_seed"] = [
+                {"seed": s, "eval_count": result["eval_count"],
+                 **{k: float(v[i]) for k, v in values.items()}} for i, s in enumerate(seed_list)]
         return result
+
+    def next_batches():
+        if not seed_list:
+            yield from dataset.train_iterator(config.batch_size, start_step=start_step)
+        its = [dataset.train_iterator(config.batch_size, start_step=start_step, seed=s)
+               for s in seed_list]
+        sharding = seeds.stacked_batch_sharding(mesh)
+        while True:
+            yield jax.device_put(seeds.stack([next(it) for it in its]), sharding)
 
     pending = _Pending(first_step=start_step)
     last_log = (time.time(), start_step)
@@ -349,7 +398,7 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
             return
         host = jax.device_get(pending.items)
         for i, m in enumerate(host):
-            if not (math.isfinite(float(m["loss"])) and math.isfinite(float(m["grad_norm"]))):
+            if not (np.all(np.isfinite(m["loss"])) and np.all(np.isfinite(m["grad_norm"]))):
                 bad = pending.first_step + i
                 last_good = ckpts.latest_step()
                 where = (f"the last good checkpoint is step {last_good} in {ckpts.directory}"
@@ -386,7 +435,7 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
     final = {}
     step = start_step
     with _Preemption() as preemption:
-        batches = dataset.train_iterator(config.batch_size, start_step=start_step)
+        batches = next_batches()
         while step < total_steps:
             batch = next(batches)
             if teacher_graphdef is not None:
@@ -402,10 +451,11 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
             if step % eval_every == 0 or step == total_steps:
                 flush(step)
                 final = evaluate(state)
-                writer.write_scalars(step, final)
-                if final["eval_top1/C1"] > float(jax.device_get(state["best_top1"])):
+                writer.write_scalars(step, {k: v for k, v in final.items() if k != "per_seed"})
+                best = np.asarray(jax.device_get(state["best_top1"]))
+                if final["eval_top1/C1"] > float(np.mean(best)):  # the mean over seeds, if several
                     state["best_top1"] = parallel.replicate(
-                        np.float32(final["eval_top1/C1"]), mesh)
+                        np.full(best.shape, final["eval_top1/C1"], np.float32), mesh)
                     ckpts.save_best(step, state, final["eval_top1/C1"])
             stopping = preemption.requested or step == stop_at_step or (
                 jax.process_count() > 1 and ckpts.reached_preemption(step))
@@ -422,7 +472,12 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
     ckpts.wait()
     if restored is not None and step == start_step and not final:
         final = evaluate(state)  # the run was already complete
-    export(graphdef, state, workdir / "export", config, num_classes)
+    if seed_list:
+        for i, s in enumerate(seed_list):
+            export(graphdef, seeds.unstack(state, i), workdir / "export" / f"seed{s}", config,
+                   num_classes)
+    else:
+        export(graphdef, state, workdir / "export", config, num_classes)
     ckpts.close()
     writer.flush()
     return final

@@ -217,3 +217,30 @@ def test_corrupt_latest_checkpoint_falls_back(cifar_subset, tmp_path, caplog):
     ck = checkpointing.Checkpoints(tmp_path, async_save=False)
     assert ck.latest_step() == 6
     ck.close()
+
+
+def test_num_seeds_equals_separate_runs(cifar_subset, tmp_path):
+    """config.num_seeds=2 trains seeds 0 and 1 in one vmapped program; each equals its own run."""
+    config = tiny_config(cifar_subset, method="dhm", num_seeds=2)
+    result = train.train_and_evaluate(config, tmp_path / "vmapped")
+    assert [r["seed"] for r in result["per_seed"]] == [0, 1]
+    for seed in (0, 1):
+        single = tiny_config(cifar_subset, method="dhm", seed=seed)
+        one = train.train_and_evaluate(single, tmp_path / f"seed{seed}")
+        a = train.load_exported_model(tmp_path / "vmapped" / "export" / f"seed{seed}")[0]
+        b = train.load_exported_model(tmp_path / f"seed{seed}" / "export")[0]
+        from flax import nnx
+
+        pa, pb = flat(nnx.state(a, nnx.Param)), flat(nnx.state(b, nnx.Param))
+        for k in pb:
+            np.testing.assert_allclose(pa[k], pb[k], rtol=1e-4, atol=1e-5, err_msg=k)
+        assert abs(result["per_seed"][seed]["eval_top1/C1"] - one["eval_top1/C1"]) <= 1.0
+    mean = np.mean([r["eval_top1/C1"] for r in result["per_seed"]])
+    assert result["eval_top1/C1"] == pytest.approx(mean)
+
+
+def test_gradient_consistency_is_logged(cifar_subset, tmp_path):
+    result = train.train_and_evaluate(tiny_config(cifar_subset, method="ds"), tmp_path)
+    for head in ("C2", "C3"):
+        assert -1.0 <= result[f"grad_cos/{head}"] <= 1.0
+    assert any("grad_cos/C2" in r for r in metrics.read_metrics(tmp_path))

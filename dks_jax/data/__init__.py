@@ -87,18 +87,22 @@ class Dataset:
     def _check(self, global_batch):
         order.check_global_batch(global_batch, self.mesh, self._process_count)
 
-    def train_iterator(self, global_batch: int, *, start_step: int = 0):
+    def train_iterator(self, global_batch: int, *, start_step: int = 0, seed: int | None = None):
         """Endless iterator of training batches, from step ``start_step``.
 
         Yields {"image": float32 [B, H, W, C], "label": int32 [B]}, global jax.Arrays with
         ``NamedSharding(mesh, P('data'))``. The batch of step ``s`` depends only on
-        (seed, s // steps_per_epoch, s % steps_per_epoch).
+        (seed, s // steps_per_epoch, s % steps_per_epoch). ``seed`` overrides the config's seed
+        (in-memory loader only): several seeds then share one copy of the data on the devices.
+        Label noise, if any, is drawn once from the config's seed and shared.
         """
         self._check(global_batch)
         self.steps_per_epoch(global_batch)
         if self.loader == "in_memory":
             impl = self._impl
-            return (impl.train_batch(global_batch, s) for s in itertools.count(int(start_step)))
+            return (impl.train_batch(global_batch, s, seed) for s in itertools.count(int(start_step)))
+        if seed is not None and seed != self.seed:
+            raise ValueError("A per-seed order (config.num_seeds > 1) needs --config.loader=in_memory.")
         return self._impl.train_iterator(global_batch, start_step=int(start_step))
 
     def eval_iterator(self, global_batch: int):

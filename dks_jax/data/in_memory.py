@@ -122,18 +122,20 @@ class InMemoryLoader:
                                    **common)
         self._eval_fn = _batch_fn(mesh, hw, augment="none", cutout=0, train=False, **common)
         self._seed = np.uint32(self.seed % 2**32)
-        self._perm_epoch = None
-        self._perm = None
+        self._perms = {}  # seed -> (epoch, permutation on the devices)
 
-    def train_batch(self, global_batch: int, step: int) -> dict:
+    def train_batch(self, global_batch: int, step: int, seed: int | None = None) -> dict:
+        """The batch of ``step``; ``seed`` (default: the run's) picks order and augmentation, so
+        several seeds can share one copy of the data (``config.num_seeds``)."""
+        seed = self.seed if seed is None else int(seed)
         spe = order.steps_per_epoch(self.num_train, global_batch)
         epoch, i = divmod(int(step), spe)
-        if self._perm_epoch != epoch:
-            perm = order.epoch_permutation(self.seed, epoch, self.num_train)
-            self._perm = put_global(perm.astype(np.int32), self.mesh, P())
-            self._perm_epoch = epoch
-        return self._train_fn(self._train_x, self._train_y, self._perm, self._seed,
-                              np.int32(epoch), np.int32(i), global_batch=global_batch)
+        if self._perms.get(seed, (None,))[0] != epoch:
+            perm = order.epoch_permutation(seed, epoch, self.num_train)
+            self._perms[seed] = (epoch, put_global(perm.astype(np.int32), self.mesh, P()))
+        return self._train_fn(self._train_x, self._train_y, self._perms[seed][1],
+                              np.uint32(seed % 2**32), np.int32(epoch), np.int32(i),
+                              global_batch=global_batch)
 
     def eval_batches(self, global_batch: int):
         idx, _ = order.eval_indices(self.num_eval, global_batch)
