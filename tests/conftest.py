@@ -14,6 +14,10 @@ _FLAGS = [
     # XNNPACK convolutions: 1.6-2x faster small CIFAR ResNets on XLA:CPU (DESIGN.md, Tests).
     "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
     "--xla_cpu_experimental_xnn_fusion_type=+individual_convolution",
+    # 8 fake devices share 2 cores: under load one device's thread can reach a collective long
+    # after the others; XLA:CPU's default is to abort the process after a short wait.
+    "--xla_cpu_collective_call_terminate_timeout_seconds=1200",
+    "--xla_cpu_collective_timeout_seconds=1200",
 ]
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_FLAGS]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

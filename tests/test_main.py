@@ -24,7 +24,8 @@ def get_config():
 
 def _env():
     env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] = ("--xla_force_host_platform_device_count=2 "
+                        "--xla_cpu_collective_call_terminate_timeout_seconds=1200")
     env["JAX_PLATFORMS"] = "cpu"
     return env
 
