@@ -7,7 +7,9 @@
     models.load_exported(plain, exported)              # same main logits, no branch cost
 
 ``aux``: "paper" (the papers' branches), "none" (plain backbone), or one of the DKS ablation designs
-("simple", "ap_2fc", "ap_conv_2fc", "narrow", "shallow") where the model has them.
+("simple", "ap_2fc", "ap_conv_2fc", "narrow", "shallow") where the model has them; for
+``cifar_resnet1202`` "paper" is DKS's shallow-but-wide design and "dhm" the DHM paper's.
+``aux_designs(name)`` lists them.
 ``branches``: which auxiliary classifiers are active, by DKS name ("C2" deepest ... "C4"), e.g.
 ``("C2", "C3")`` or the string ``"C1C2C3C4"``; None or "" = the design's defaults.
 ``bn_group_size``: BatchNorm statistics over groups of that many examples (None = whole batch).
@@ -34,6 +36,7 @@ __all__ = [
     "ModelSpec",
     "Network",
     "StageSpec",
+    "aux_designs",
     "complexity",
     "create",
     "export_state",

@@ -161,8 +161,10 @@ MODELS = {
         CifarResNet, _stages(18), {"paper": _paper((9, 9), 18)},
         reference=(10, "1.7M, He et al. 2016, Table 6"),
     ),
+    # aux="dhm": the DHM paper's ResNet-1202 branches (DHM supplement Table 1, code [[100, 100],
+    # [200]]), built like those of ResNet-32/110; "paper" is DKS's shallow-but-wide design.
     "cifar_resnet1202": ModelSpec(
-        CifarResNet, _stages(200), {"paper": _RESNET1202_WIDE},
+        CifarResNet, _stages(200), {"paper": _RESNET1202_WIDE, "dhm": _paper((100, 100), 200)},
         reference=(10, "19.4M, He et al. 2016, Table 6"),
     ),
 }
