@@ -207,6 +207,11 @@ def test_heads_per_aux_and_defaults():
     assert abstract("resnet18", aux="none").num_heads == 1
     assert abstract("cifar_resnet1202").head_names == ("C1", "C2", "C3", "C4")
     assert abstract("wrn16_8").head_names == ("C1", "C2", "C3")
+    assert models.aux_designs("cifar_resnet32") == (
+        "none", "paper", "simple", "ap_2fc", "ap_conv_2fc", "narrow", "shallow"
+    )
+    assert models.aux_designs("resnet18") == ("none", "paper", "simple")
+    assert models.aux_designs("cifar_resnet1202") == ("none", "paper", "dhm")
 
 
 def test_bad_arguments_are_rejected():
