@@ -8,7 +8,6 @@ Only process 0 writes.
 from __future__ import annotations
 
 import json
-import logging
 import math
 from collections.abc import Mapping
 
@@ -27,7 +26,20 @@ def _plain(value):
     return value
 
 
-class JsonlWriter:
+class _PlainWriter:
+    """The parts of clu's ``MetricWriter`` interface these writers do not need."""
+
+    def write_hparams(self, hparams: Mapping):
+        pass
+
+    def flush(self):
+        pass
+
+    def close(self):
+        pass
+
+
+class JsonlWriter(_PlainWriter):
     """Appends ``{"step": s, "name": value, ...}`` lines to ``<workdir>/metrics.jsonl``."""
 
     def __init__(self, path):
@@ -38,32 +50,13 @@ class JsonlWriter:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
-    def write_hparams(self, hparams: Mapping):
-        pass
 
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
-
-
-class ConsoleWriter:
-    """Logs one line per call, with the most useful scalars first."""
+class ConsoleWriter(_PlainWriter):
+    """Prints one line per call (stdout; absl logs go to stderr)."""
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]):
         text = " ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
-        logging.info("[%d] %s", step, text)
         print(f"[step {step}] {text}", flush=True)
-
-    def write_hparams(self, hparams: Mapping):
-        pass
-
-    def flush(self):
-        pass
-
-    def close(self):
-        pass
 
 
 def _fmt(v) -> str:

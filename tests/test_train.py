@@ -79,7 +79,6 @@ def test_loss_falls_on_real_images(cifar_subset, tmp_path):
     train.train_and_evaluate(config, tmp_path)
     rows = [r for r in metrics.read_metrics(tmp_path) if "loss" in r]
     assert len(rows) >= 4
-    print([(r["loss"], r["loss/ce/0"]) for r in rows])
     assert rows[-1]["loss"] < 0.9 * rows[0]["loss"], rows
     assert rows[-1]["loss/ce/0"] < 0.9 * rows[0]["loss/ce/0"], rows
 
