@@ -1,9 +1,9 @@
 """Quick start (``make demo``): DKS on the real CIFAR-10 images, a few minutes on 2 CPU cores.
 
 A CIFAR ResNet-8 (the n=1 member of He et al.'s family) with the papers' two branch designs scaled
-to it, trained for one epoch with a cosine schedule; progress, per-head accuracy, a checkpoint and an export land in the workdir. The
-images come from ``data_dir`` (``make demo`` points it at ../shared/data when that exists, which holds
-cifar10-jpeg.tar.gz), otherwise from TFDS.
+to it, trained for one epoch with a cosine schedule; progress, per-head accuracy, a checkpoint and
+an export land in the workdir. The images come from ``data_dir`` (``make demo`` points it at
+../shared/data when that exists, which holds cifar10-jpeg.tar.gz), otherwise from TFDS.
 """
 
 from dks_jax import config_base
