@@ -3,8 +3,9 @@
 # Run `launch/slurm_gpu.sh --help` for usage.
 set -euo pipefail
 
-PROG=${0##*/}
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SCRIPT_DIR=$(CDPATH='' cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$SCRIPT_DIR/lib.sh"
 
 usage() {
   cat <<EOF
@@ -47,36 +48,7 @@ Example
 EOF
 }
 
-die() {
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  printf "Run '%s --help' for usage.\n" "$PROG" >&2
-  exit 2
-}
-
-# POSIX single quoting, like Python's shlex.quote: the result is one word in any sh-like shell.
-shquote() {
-  local s=$1 q="'\\''" re='^[A-Za-z0-9_@%+=:,./-]+$'
-  if [[ $s =~ $re ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/$q}"
-  fi
-}
-
-# Arguments as shell words (--flag=VALUE keeps --flag= outside the quotes, for readability).
-quote_words() {
-  local out='' a re='^(--[A-Za-z0-9_.-]+=)(.*)$'
-  for a in "$@"; do
-    if [[ $a =~ $re ]]; then
-      a=${BASH_REMATCH[1]}$(shquote "${BASH_REMATCH[2]}")
-    else
-      a=$(shquote "$a")
-    fi
-    out+=${out:+ }$a
-  done
-  printf '%s' "$out"
-}
-
+# Settings: environment first, flags override (lib.sh: REPO, ENVS, DRY_RUN, POSITIONAL).
 NODES=${DKS_NODES:-1}
 GPUS=${DKS_GPUS_PER_NODE:-8}
 CPUS=''
@@ -88,109 +60,49 @@ JOB_NAME=${DKS_JOB_NAME:-}
 MEM=${DKS_MEM:-0}
 PYTHON=${DKS_PYTHON:-python3}
 SETUP=${DKS_SETUP:-}
-REPO=${DKS_REPO:-$(cd "$SCRIPT_DIR/.." && pwd)}
 LOG_DIR=${DKS_LOG_DIR:-}
-EXCLUSIVE=1 REQUEUE=0 GRACE=120 DRY_RUN=0
+EXCLUSIVE=1 REQUEUE=0 GRACE=120
 SBATCH_FLAGS=()
-ENVS=()
-POSITIONAL=()
 
-while [[ $# -gt 0 ]]; do
-  arg=$1
-  val=''
-  has_val=0
-  if [[ $arg == --*=* ]]; then
-    val=${arg#*=}
-    arg=${arg%%=*}
-    has_val=1
-  fi
-  case $arg in
-    --nodes | --gpus-per-node | --cpus-per-task | --partition | --account | --qos | --time | \
-      --job-name | --mem | --signal-grace | --sbatch-flag | --python | --setup | --env | --repo | \
-      --log-dir)
-      if [[ $has_val == 0 ]]; then
-        # A VALUE that looks like an option means the value was forgotten.
-        [[ $# -ge 2 && ($2 != --* || $arg == --sbatch-flag) ]] || die "option $arg needs a value"
-        val=$2
-        shift
-      fi
-      case $arg in
-        --nodes) NODES=$val ;;
-        --gpus-per-node) GPUS=$val ;;
-        --cpus-per-task) CPUS=$val ;;
-        --partition) PARTITION=$val ;;
-        --account) ACCOUNT=$val ;;
-        --qos) QOS=$val ;;
-        --time) TIME=$val ;;
-        --job-name) JOB_NAME=$val ;;
-        --mem) MEM=$val ;;
-        --signal-grace) GRACE=$val ;;
-        --sbatch-flag) SBATCH_FLAGS+=("$val") ;;
-        --python) PYTHON=$val ;;
-        --setup) SETUP=$val ;;
-        --env) ENVS+=("$val") ;;
-        --repo) REPO=$val ;;
-        --log-dir) LOG_DIR=$val ;;
-      esac
-      shift
-      continue
-      ;;
+# Options of this script (lib.sh's parse_args does --repo --env --log-dir --dry-run --help).
+VALUE_OPTS=(--nodes --gpus-per-node --cpus-per-task --partition --account --qos --time --job-name
+  --mem --signal-grace --sbatch-flag --python --setup)
+RAW_VALUE_OPTS=(--sbatch-flag) # its value is an sbatch flag: --sbatch-flag --constraint=a100
+FLAG_OPTS=(--no-exclusive --requeue)
+set_option() {
+  case $1 in
+    --nodes) NODES=$2 ;;
+    --gpus-per-node) GPUS=$2 ;;
+    --cpus-per-task) CPUS=$2 ;;
+    --partition) PARTITION=$2 ;;
+    --account) ACCOUNT=$2 ;;
+    --qos) QOS=$2 ;;
+    --time) TIME=$2 ;;
+    --job-name) JOB_NAME=$2 ;;
+    --mem) MEM=$2 ;;
+    --signal-grace) GRACE=$2 ;;
+    --sbatch-flag) SBATCH_FLAGS+=("$2") ;;
+    --python) PYTHON=$2 ;;
+    --setup) SETUP=$2 ;;
   esac
-  if [[ $has_val == 1 ]]; then
-    case $arg in
-      --no-exclusive | --requeue | --dry-run | --help) die "option $arg takes no value" ;;
-    esac
-  fi
-  case $arg in
+}
+set_flag() {
+  case $1 in
     --no-exclusive) EXCLUSIVE=0 ;;
     --requeue) REQUEUE=1 ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help)
-      usage
-      exit 0
-      ;;
-    --)
-      shift
-      POSITIONAL+=("$@")
-      break
-      ;;
-    -*)
-      # After CONFIG WORKDIR, unknown flags are overrides for dks_jax.main.
-      [[ ${#POSITIONAL[@]} -ge 2 ]] || die "unknown option: $1"
-      POSITIONAL+=("$1")
-      ;;
-    *) POSITIONAL+=("$1") ;;
   esac
-  shift
-done
+}
+parse_args "$@"
 
-[[ ${#POSITIONAL[@]} -ge 2 ]] ||
-  die "missing CONFIG and WORKDIR, e.g. $PROG --nodes 2 configs/imagenet_resnet50.py /shared/runs/r50"
-CONFIG=${POSITIONAL[0]}
-WORKDIR=${POSITIONAL[1]}
-OVERRIDES=("${POSITIONAL[@]:2}")
-[[ -n $CONFIG && -n $WORKDIR ]] || die "CONFIG and WORKDIR must not be empty"
-[[ $CONFIG == /* || -f $REPO/${CONFIG%%:*} ]] ||
-  die "config file not found: $REPO/${CONFIG%%:*} (CONFIG is relative to the repository root)"
-if [[ ${#OVERRIDES[@]} -gt 0 ]]; then
-  for o in "${OVERRIDES[@]}"; do
-    [[ $o == --?* ]] || die "override '$o' is not a flag: write overrides as --config.field=value"
-  done
-fi
+run_args \
+  "missing CONFIG and WORKDIR, e.g. $PROG --nodes 2 configs/imagenet_resnet50.py /shared/runs/r50"
+check_overrides
 [[ $NODES =~ ^[1-9][0-9]*$ ]] || die "--nodes must be a positive whole number, not '$NODES'"
 [[ $GPUS =~ ^[1-9][0-9]*$ ]] || die "--gpus-per-node must be a positive whole number, not '$GPUS'"
 [[ -z $CPUS || $CPUS =~ ^[1-9][0-9]*$ ]] || die "--cpus-per-task must be a positive whole number"
 [[ $GRACE =~ ^[0-9]+$ ]] || die "--signal-grace must be a whole number of seconds, not '$GRACE'"
-if [[ ${#ENVS[@]} -gt 0 ]]; then
-  for kv in "${ENVS[@]}"; do
-    [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env expects KEY=VALUE, got '$kv'"
-  done
-fi
-if [[ -z $JOB_NAME ]]; then
-  JOB_NAME=${CONFIG%%:*}
-  JOB_NAME=dks_jax-${JOB_NAME##*/}
-  JOB_NAME=${JOB_NAME%.py}
-fi
+check_envs
+JOB_NAME=${JOB_NAME:-dks_jax-$CONFIG_NAME}
 LOG_DIR=${LOG_DIR:-$REPO/logs/slurm}
 # #SBATCH lines are split on white space: their values must have none.
 for var in JOB_NAME PARTITION ACCOUNT QOS TIME MEM LOG_DIR; do
@@ -251,10 +163,7 @@ export PYTHONUNBUFFERED=1
 export DKS_DISTRIBUTED=1
 # One process per node sees all the node's GPUs (SLURM auto-detection alone would give it one).
 export JAX_LOCAL_DEVICE_IDS=\${JAX_LOCAL_DEVICE_IDS:-$device_ids}"
-if [[ ${#ENVS[@]} -gt 0 ]]; then
-  for kv in "${ENVS[@]}"; do script+="
-export ${kv%%=*}=$(shquote "${kv#*=}")"; done
-fi
+script+=$(export_lines)
 script+="
 echo \"dks_jax: job \$SLURM_JOB_ID on \$SLURM_JOB_NUM_NODES node(s): \$SLURM_JOB_NODELIST\"
 # --kill-on-bad-exit: one failing node ends the whole job at once (fail-fast).
@@ -271,11 +180,10 @@ fi
 
 command -v sbatch >/dev/null 2>&1 || die "sbatch not found on PATH: run this on a SLURM login node"
 mkdir -p "$LOG_DIR"
-file=$LOG_DIR/$JOB_NAME-$(date -u +%Y%m%d-%H%M%S).sbatch
+file=$LOG_DIR/$JOB_NAME-$(utc_stamp).sbatch
 printf '%s\n' "$script" >"$file"
 printf '+ sbatch --parsable %s\n' "$(shquote "$file")" >&2
 job=$(sbatch --parsable "$file")
 job=${job%%;*}
-printf '%s: submitted job %s; logs: %s/%s-%s.out and .node<N>.log\n' \
-  "$PROG" "$job" "$LOG_DIR" "$JOB_NAME" "$job" >&2
+note "submitted job $job; logs: $LOG_DIR/$JOB_NAME-$job.out and .node<N>.log"
 printf '%s\n' "$job"

@@ -3,8 +3,9 @@
 # Run `launch/tpu_pod.sh --help` for usage. Runs on the machine you launch from (bash 3.2+, gcloud).
 set -euo pipefail
 
-PROG=${0##*/}
-SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+SCRIPT_DIR=$(CDPATH='' cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib.sh source-path=SCRIPTDIR
+source "$SCRIPT_DIR/lib.sh"
 
 usage() {
   cat <<EOF
@@ -74,38 +75,6 @@ Example
 EOF
 }
 
-die() {
-  printf '%s: error: %s\n' "$PROG" "$*" >&2
-  printf "Run '%s --help' for usage.\n" "$PROG" >&2
-  exit 2
-}
-
-note() { printf '%s: %s\n' "$PROG" "$*" >&2; }
-
-# POSIX single quoting, like Python's shlex.quote: the result is one word in any sh-like shell.
-shquote() {
-  local s=$1 q="'\\''" re='^[A-Za-z0-9_@%+=:,./-]+$'
-  if [[ $s =~ $re ]]; then
-    printf '%s' "$s"
-  else
-    printf "'%s'" "${s//\'/$q}"
-  fi
-}
-
-# Arguments as shell words (--flag=VALUE keeps --flag= outside the quotes, for readability).
-quote_words() {
-  local out='' a re='^(--[A-Za-z0-9_.-]+=)(.*)$'
-  for a in "$@"; do
-    if [[ $a =~ $re ]]; then
-      a=${BASH_REMATCH[1]}$(shquote "${BASH_REMATCH[2]}")
-    else
-      a=$(shquote "$a")
-    fi
-    out+=${out:+ }$a
-  done
-  printf '%s' "$out"
-}
-
 # A here-document delimiter, $1 or $1_N, that is not a line of the text $2.
 delimiter() {
   local d=$1 n=0
@@ -163,7 +132,7 @@ run() {
 comment() { if [[ $DRY_RUN == 1 ]]; then printf '# %s\n' "$*"; else note "$*"; fi; }
 
 # ---------------------------------------------------------------------------------------------
-# Settings: environment first, flags override.
+# Settings: environment first, flags override (lib.sh: REPO, ENVS, DRY_RUN, POSITIONAL).
 NAME=${TPU_NAME:-}
 ZONE=${TPU_ZONE:-}
 PROJECT=${TPU_PROJECT:-}
@@ -173,7 +142,6 @@ SPOT=${TPU_SPOT:-0}
 RESERVED=${TPU_RESERVED:-0}
 QUEUED=${TPU_QUEUED:-0}
 VALID_UNTIL=${TPU_VALID_UNTIL:-}
-REPO=${DKS_REPO:-$(cd "$SCRIPT_DIR/.." && pwd)}
 GIT_URL=${TPU_GIT_URL:-}
 GIT_REF=${TPU_GIT_REF:-}
 WHEEL=${TPU_WHEEL:-}
@@ -185,74 +153,42 @@ VENV=${TPU_VENV:-dks_venv}
 REMOTE_LOGS=${TPU_REMOTE_LOG_DIR:-dks_logs}
 LOG_DIR=${TPU_LOG_DIR:-}
 RUN_ID=${DKS_RUN_ID:-}
-WAIT=0 VERIFY=1 INTERNAL_IP=0 ALLOW_LOCAL=0 DETACH=0 GRACE=30 FORCE=0 YES=0 DRY_RUN=0
+WAIT=0 VERIFY=1 INTERNAL_IP=0 ALLOW_LOCAL=0 DETACH=0 GRACE=30 FORCE=0 YES=0
 CREATE_FLAGS=()
-ENVS=()
 SUBCOMMAND=''
-POSITIONAL=()
 
-# '--opt VALUE': a VALUE that looks like an option means the value was forgotten (a flag for
-# gcloud create is given as --create-flag=--network=NET or --create-flag --network=NET).
-needs_value() {
-  [[ $# -ge 2 && ($2 != --* || $1 == --create-flag) ]] || die "option $1 needs a value"
-}
-
-while [[ $# -gt 0 ]]; do
-  arg=$1
-  val=''
-  has_val=0
-  if [[ $arg == --*=* ]]; then
-    val=${arg#*=}
-    arg=${arg%%=*}
-    has_val=1
-  fi
-  # Options that take a value: '--opt=VALUE' or '--opt VALUE'.
-  case $arg in
-    --name | --zone | --project | --accelerator-type | --runtime-version | --valid-until | \
-      --create-flag | --repo | --git | --ref | --wheel | --extras | --jax-spec | \
-      --python-version | --remote-dir | --venv | --remote-log-dir | --log-dir | --run-id | \
-      --env | --grace)
-      if [[ $has_val == 0 ]]; then
-        needs_value "$@"
-        val=$2
-        shift
-      fi
-      case $arg in
-        --name) NAME=$val ;;
-        --zone) ZONE=$val ;;
-        --project) PROJECT=$val ;;
-        --accelerator-type) ACCEL=$val ;;
-        --runtime-version) RUNTIME=$val ;;
-        --valid-until) VALID_UNTIL=$val ;;
-        --create-flag) CREATE_FLAGS+=("$val") ;;
-        --repo) REPO=$val ;;
-        --git) GIT_URL=$val ;;
-        --ref) GIT_REF=$val ;;
-        --wheel) WHEEL=$val ;;
-        --extras) EXTRAS=$val ;;
-        --jax-spec) JAX_SPEC=$val ;;
-        --python-version) PY_VERSION=$val ;;
-        --remote-dir) REMOTE_DIR=$val ;;
-        --venv) VENV=$val ;;
-        --remote-log-dir) REMOTE_LOGS=$val ;;
-        --log-dir) LOG_DIR=$val ;;
-        --run-id) RUN_ID=$val ;;
-        --env) ENVS+=("$val") ;;
-        --grace) GRACE=$val ;;
-      esac
-      shift
-      continue
-      ;;
+# Options of this script (lib.sh's parse_args does --repo --env --log-dir --dry-run --help).
+VALUE_OPTS=(--name --zone --project --accelerator-type --runtime-version --valid-until --create-flag
+  --git --ref --wheel --extras --jax-spec --python-version --remote-dir --venv --remote-log-dir
+  --run-id --grace)
+# A flag for gcloud create is given as --create-flag=--network=NET or --create-flag --network=NET.
+RAW_VALUE_OPTS=(--create-flag)
+FLAG_OPTS=(--spot --reserved --queued --wait --no-verify --internal-ip --allow-local-workdir
+  --detach --force --yes)
+set_option() {
+  case $1 in
+    --name) NAME=$2 ;;
+    --zone) ZONE=$2 ;;
+    --project) PROJECT=$2 ;;
+    --accelerator-type) ACCEL=$2 ;;
+    --runtime-version) RUNTIME=$2 ;;
+    --valid-until) VALID_UNTIL=$2 ;;
+    --create-flag) CREATE_FLAGS+=("$2") ;;
+    --git) GIT_URL=$2 ;;
+    --ref) GIT_REF=$2 ;;
+    --wheel) WHEEL=$2 ;;
+    --extras) EXTRAS=$2 ;;
+    --jax-spec) JAX_SPEC=$2 ;;
+    --python-version) PY_VERSION=$2 ;;
+    --remote-dir) REMOTE_DIR=$2 ;;
+    --venv) VENV=$2 ;;
+    --remote-log-dir) REMOTE_LOGS=$2 ;;
+    --run-id) RUN_ID=$2 ;;
+    --grace) GRACE=$2 ;;
   esac
-  if [[ $has_val == 1 ]]; then
-    case $arg in
-      --spot | --reserved | --queued | --wait | --no-verify | --internal-ip | \
-        --allow-local-workdir | --detach | --force | --yes | --dry-run | --help)
-        die "option $arg takes no value"
-        ;;
-    esac
-  fi
-  case $arg in
+}
+set_flag() {
+  case $1 in
     --spot) SPOT=1 ;;
     --reserved) RESERVED=1 ;;
     --queued) QUEUED=1 ;;
@@ -263,30 +199,13 @@ while [[ $# -gt 0 ]]; do
     --detach) DETACH=1 ;;
     --force) FORCE=1 ;;
     --yes) YES=1 ;;
-    --dry-run) DRY_RUN=1 ;;
-    -h | --help)
-      usage
-      exit 0
-      ;;
-    --)
-      shift
-      POSITIONAL+=("$@")
-      break
-      ;;
-    -*)
-      # After 'run CONFIG WORKDIR', unknown flags are overrides for dks_jax.main.
-      if [[ $SUBCOMMAND == run && ${#POSITIONAL[@]} -ge 2 ]]; then
-        POSITIONAL+=("$1")
-      else
-        die "unknown option: $1"
-      fi
-      ;;
-    *)
-      if [[ -z $SUBCOMMAND ]]; then SUBCOMMAND=$1; else POSITIONAL+=("$1"); fi
-      ;;
   esac
-  shift
-done
+}
+# The first argument is the subcommand; after 'run CONFIG WORKDIR', unknown flags are overrides
+# for dks_jax.main.
+add_argument() { if [[ -z $SUBCOMMAND ]]; then SUBCOMMAND=$1; else POSITIONAL+=("$1"); fi; }
+is_override() { [[ $SUBCOMMAND == run && ${#POSITIONAL[@]} -ge 2 ]]; }
+parse_args "$@"
 
 # ---------------------------------------------------------------------------------------------
 # Validation and derived settings.
@@ -307,11 +226,7 @@ for dir_var in REMOTE_DIR VENV REMOTE_LOGS; do
   [[ ${!dir_var} =~ ^[A-Za-z0-9_][A-Za-z0-9_./-]*$ && ${!dir_var} != *..* ]] ||
     die "bad ${dir_var} '${!dir_var}': a path relative to the workers' \$HOME (letters, digits, _ . / -)"
 done
-if [[ ${#ENVS[@]} -gt 0 ]]; then
-  for kv in "${ENVS[@]}"; do
-    [[ $kv =~ ^[A-Za-z_][A-Za-z0-9_]*= ]] || die "--env expects KEY=VALUE, got '$kv'"
-  done
-fi
+check_envs
 LOG_DIR=${LOG_DIR:-$REPO/logs/tpu}
 
 GC_LOC=()
@@ -517,7 +432,7 @@ cmd_stop() {
 cmd_logs() {
   [[ ${#POSITIONAL[@]} -le 1 ]] || die "logs takes at most one argument, RUN_ID"
   local id=${POSITIONAL[0]:-${RUN_ID:-latest}}
-  [[ $id =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "bad RUN_ID '$id'"
+  is_run_id "$id" || die "bad RUN_ID '$id'"
   local sh
   sh="$REMOTE_PRELUDE
 tail -n 100 -F \"\$(abs $(shquote "$REMOTE_LOGS/$id.log"))\" | sed -u \"s/^/[worker \$w] /\""
@@ -525,35 +440,22 @@ tail -n 100 -F \"\$(abs $(shquote "$REMOTE_LOGS/$id.log"))\" | sed -u \"s/^/[wor
 }
 
 cmd_run() {
-  [[ ${#POSITIONAL[@]} -ge 2 ]] || die "run needs CONFIG and WORKDIR, e.g. run configs/imagenet_resnet50.py gs://bucket/dks/r50"
-  local config=${POSITIONAL[0]} workdir=${POSITIONAL[1]} o
-  local overrides=("${POSITIONAL[@]:2}")
-  [[ -n $config && -n $workdir ]] || die "CONFIG and WORKDIR must not be empty"
-  if [[ $config != /* && ! -f $REPO/${config%%:*} ]]; then
-    die "config file not found: $REPO/${config%%:*} (CONFIG is relative to the repository root)"
+  run_args "run needs CONFIG and WORKDIR, e.g. run configs/imagenet_resnet50.py gs://bucket/dks/r50"
+  if [[ $WORKDIR != gs://* && $ALLOW_LOCAL == 0 ]]; then
+    die "WORKDIR '$WORKDIR' is not on Cloud Storage: the workers of a pod need one shared gs:// workdir (pass --allow-local-workdir on a single-host TPU VM)"
   fi
-  if [[ $workdir != gs://* && $ALLOW_LOCAL == 0 ]]; then
-    die "WORKDIR '$workdir' is not on Cloud Storage: the workers of a pod need one shared gs:// workdir (pass --allow-local-workdir on a single-host TPU VM)"
-  fi
-  if [[ ${#overrides[@]} -gt 0 ]]; then
-    for o in "${overrides[@]}"; do
-      [[ $o == --?* ]] || die "override '$o' is not a flag: write overrides as --config.field=value"
-    done
-  fi
-  RUN_ID=${RUN_ID:-$NAME-$(date -u +%Y%m%d-%H%M%S)}
-  [[ $RUN_ID =~ ^[A-Za-z0-9][A-Za-z0-9._-]*$ ]] || die "bad --run-id '$RUN_ID' (letters, digits, . _ -)"
+  check_overrides
+  RUN_ID=${RUN_ID:-$NAME-$(utc_stamp)}
+  check_run_id
 
   # What every worker runs (a file <remote-log-dir>/<RUN_ID>.sh there), detached from ssh.
-  local train wrapper kv
-  train=$(quote_words --config="$config" --workdir="$workdir" ${overrides[@]+"${overrides[@]}"})
+  local train wrapper
+  train=$(quote_words --config="$CONFIG" --workdir="$WORKDIR" ${OVERRIDES[@]+"${OVERRIDES[@]}"})
   wrapper="echo \$\$ > \"\$DKS_RUN_BASE.pid\"
 echo \"dks_jax run $RUN_ID on \$(hostname), \$(date -u)\"
 cd \"\$DKS_APP_DIR\" || { echo 1 > \"\$DKS_RUN_BASE.status\"; exit 1; }
 export PYTHONUNBUFFERED=1 DKS_DISTRIBUTED=1"
-  if [[ ${#ENVS[@]} -gt 0 ]]; then
-    for kv in "${ENVS[@]}"; do wrapper+="
-export ${kv%%=*}=$(shquote "${kv#*=}")"; done
-  fi
+  wrapper+=$(export_lines)
   wrapper+="
 \"\$DKS_VENV/bin/python\" -m dks_jax.main $train
 echo \$? > \"\$DKS_RUN_BASE.status\""
