@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dks_jax", "dks_jax.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # jax 0.10 needs 3.11
     install_requires=[
         "jax>=0.10,<0.13",
         "flax>=0.12",

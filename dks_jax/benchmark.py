@@ -395,7 +395,7 @@ def make_record(result: dict, command: str, torch_result: dict | None = None,
     import jaxlib
     import optax
 
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = now or datetime.datetime.now(datetime.UTC)
     record = {
         "date": now.strftime("%Y-%m-%d"),
         "timestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ"),
