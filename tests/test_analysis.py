@@ -10,28 +10,17 @@ import pytest
 from flax import nnx
 
 from dks_jax import analysis, models
-from dks_jax.models.branches import BranchSpec, StageSpec
-from dks_jax.models.cifar_resnet import CifarResNet
-from dks_jax.models.network import ModelSpec
 
-# CIFAR ResNet-8 with ResNet-32-style branches of one block per stage (see tests/test_sweep.py).
-# C3 forks after stage 1 and re-runs stages 2 and 3 at the backbone's widths, so its blocks have
-# main-path counterparts with equal kernel shapes (DHM-style comparison); C2 runs stage 3 at 128.
-TINY = ModelSpec(
-    CifarResNet,
-    tuple(StageSpec(1, w) for w in (16, 32, 64)),
-    {"paper": (BranchSpec("C2", after=1, stages=(StageSpec(1, 128),)),
-               BranchSpec("C3", after=0, stages=(StageSpec(1, 32), StageSpec(1, 64))))},
-)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+# cifar_resnet8 with its paper branches (one block per stage). C3 forks after stage 1 and re-runs
+# stages 2 and 3 at the backbone's widths, so its blocks have main-path counterparts with equal kernel
+# shapes (DHM-style comparison); C2 runs stage 3 at 128.
 @pytest.fixture(scope="module")
 def tiny():
     """(model, graphdef, params, batch_stats, images [8, 32, 32, 3], labels [8])."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(models._REGISTRY, "tiny_resnet8", TINY)
-        model = models.create("tiny_resnet8", 10, rngs=nnx.Rngs(0))
+    model = models.create("cifar_resnet8", 10, rngs=nnx.Rngs(0))
     rng = np.random.default_rng(0)
     # Non-trivial running statistics, so evaluation mode differs from a fresh model's.
     model(jnp.asarray(rng.normal(size=(16, 32, 32, 3)), jnp.float32), train=True)

@@ -10,26 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dks_jax import config_base, models, optim, seeds, sweep, train
-from dks_jax.models.branches import BranchSpec, StageSpec
-from dks_jax.models.cifar_resnet import CifarResNet
-from dks_jax.models.network import ModelSpec
-
-# A CIFAR ResNet-8 (one block per stage) with the paper-style branches of ResNet-32 cut to one block
-# per stage: the same code paths as cifar_resnet32, a fraction of the compile time on 2 CPU cores.
-TINY = ModelSpec(
-    CifarResNet,
-    tuple(StageSpec(1, w) for w in (16, 32, 64)),
-    {"paper": (BranchSpec("C2", after=1, stages=(StageSpec(1, 128),)),
-               BranchSpec("C3", after=0, stages=(StageSpec(1, 32), StageSpec(1, 64))))},
-)
-
-
-@pytest.fixture
-def tiny_model(monkeypatch):
-    monkeypatch.setitem(models._REGISTRY, "tiny_resnet8", TINY)
-    return "tiny_resnet8"
-
+from dks_jax import config_base, optim, seeds, sweep, train
 
 # ---- config specs -------------------------------------------------------------------------------
 
@@ -184,13 +165,15 @@ def test_sweep_refuses_a_folder_of_another_config(fake_runs, tmp_path):
 
 # ---- end to end on real images ------------------------------------------------------------------
 
+# cifar_resnet8 (n=1) with its paper branches: the same code paths as cifar_resnet32, a fraction of
+# the compile time on 2 CPU cores.
 TINY_CONFIG = """
 from dks_jax import config_base
 
 
 def get_config(method=None):
     c = config_base.with_method(config_base.base(), method or "dks")
-    c.model = "tiny_resnet8"
+    c.model = "cifar_resnet8"
     c.dataset, c.num_classes, c.loader = {root!r}, 10, "in_memory"
     c.batch_size, c.eval_batch_size = 16, 40
     c.num_epochs = 3 * 16 / 400  # 3 steps on the 400 training images
@@ -201,7 +184,7 @@ def get_config(method=None):
 """
 
 
-def test_end_to_end_sweep_of_two_seeds(cifar_subset, tmp_path, tiny_model):
+def test_end_to_end_sweep_of_two_seeds(cifar_subset, tmp_path):
     cfg = tmp_path / "tiny.py"
     cfg.write_text(TINY_CONFIG.format(root=str(cifar_subset)))
     runs, results = tmp_path / "runs", tmp_path / "results"
@@ -247,10 +230,10 @@ def test_end_to_end_sweep_of_two_seeds(cifar_subset, tmp_path, tiny_model):
 # ---- the seed vmap ------------------------------------------------------------------------------
 
 
-def test_vmapped_seeds_equal_separate_runs(tiny_model):
+def test_vmapped_seeds_equal_separate_runs():
     """Init and 3 DHM steps (random branch mask, BN statistics) of 2 seeds at once == one by one."""
     c = config_base.base()
-    c.model, c.method, c.batch_size = tiny_model, "dhm", 8
+    c.model, c.method, c.batch_size = "cifar_resnet8", "dhm", 8
     c.loss.mimic_prob = 0.5
     seed_list, num_steps = [0, 3], 3
     tx, schedule = optim.create_optimizer(c, 2)  # lr drops at "epoch" 60: constant here
