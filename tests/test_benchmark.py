@@ -14,7 +14,7 @@ from dks_jax import benchmark, losses, models
 sys.path.insert(0, str(benchmark.REPO / "benchmarks"))
 import make_table  # noqa: E402
 
-TINY = ["--model=cifar_resnet32", "--aux=simple", "--method=dks", "--batch_size=8",
+TINY = ["--model=cifar_resnet8", "--aux=paper", "--method=dks", "--batch_size=8",
         "--image_size=32", "--dtype=float32", "--steps=3", "--warmup=1"]
 
 
@@ -22,8 +22,8 @@ TINY = ["--model=cifar_resnet32", "--aux=simple", "--method=dks", "--batch_size=
 def cli_record(tmp_path_factory):
     """One real measurement through the command-line entry point (3 heads, DKS loss, 8 devices).
 
-    The cheap "simple" branches (pool + fc) keep XLA:CPU's compile time down; the loss is the
-    full DKS objective over three heads.
+    The smallest CIFAR ResNet (n=1) with its paper branches keeps XLA:CPU's compile time down; the
+    loss is the full DKS objective over three heads.
     """
     out = tmp_path_factory.mktemp("results")
     argv = ["prog", *TINY, f"--output={out}"]
@@ -43,9 +43,9 @@ def test_cli_writes_a_record_with_every_key_and_sane_values(cli_record):
     assert record["num_devices"] == jax.device_count() == 8  # batch sharded over the mesh
     assert record["jax_version"] == jax.__version__
     assert re.fullmatch(r"\d{4}-\d\d-\d\d", record["date"])
-    assert record["command"].startswith("python -m dks_jax.benchmark --model=cifar_resnet32")
+    assert record["command"].startswith("python -m dks_jax.benchmark --model=cifar_resnet8")
     assert (record["model"], record["aux"], record["method"], record["num_heads"]) == (
-        "cifar_resnet32", "simple", "dks", 3)
+        "cifar_resnet8", "paper", "dks", 3)
     assert (record["batch_size"], record["image_size"], record["dtype"]) == (8, 32, "float32")
 
     assert 0 < record["step_ms_min"] <= record["step_ms"] <= record["step_ms_p90"]
@@ -54,7 +54,7 @@ def test_cli_writes_a_record_with_every_key_and_sane_values(cli_record):
     assert 0 < record["lower_s"] < record["compile_s"]
     assert math.isfinite(record["loss_first"]) and math.isfinite(record["loss_last"])
 
-    comp = models.complexity("cifar_resnet32", 10, image_size=32, aux="simple")
+    comp = models.complexity("cifar_resnet8", 10, image_size=32, aux="paper")
     assert record["macs_per_image"] == comp["total"]["macs"] > record["macs_main_per_image"]
     assert record["train_flops_per_image"] == 6 * record["macs_per_image"]
     # XLA's own FLOP count of the compiled step agrees with 3 x 2 x MACs to within rounding terms.
@@ -70,9 +70,9 @@ def test_cli_writes_a_record_with_every_key_and_sane_values(cli_record):
 def test_table_renders_the_real_record(cli_record):
     record, out = cli_record
     text = make_table.render(make_table.load_records([out]))
-    row = next(line for line in text.splitlines() if "cifar_resnet32" in line)
+    row = next(line for line in text.splitlines() if "cifar_resnet8" in line)
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells[:7] == ["8 x cpu", "cifar_resnet32", "simple", "dks", "8", "32", "float32"]
+    assert cells[:7] == ["8 x cpu", "cifar_resnet8", "paper", "dks", "8", "32", "float32"]
     assert cells[11] == "n/a"  # MFU
 
 
