@@ -52,52 +52,7 @@ from flax import nnx
 
 from dks_jax import paths
 
-# ---- a forward pass that exposes the attachment points ------------------------------------------
-
-
-def _trace(model, images, *, train: bool = False, rngs=None, offsets=None, collect=False):
-    """The forward of ``models.Network`` with hooks; the same logits as ``model(images)``.
-
-    offsets: ``{tap: array}`` added to the main path's feature map at that attachment point, before
-      both the main path and the branch read it (zeros: the gradient with respect to the offset is
-      the gradient with respect to the shared feature map).
-    collect: also return every block's output: main path ``[(name, x), ...]`` (stem first) and per
-      branch the list of its blocks' outputs.
-    Returns ``(logits tuple, tapped {tap: x}, main_feats, branch_feats)``.
-    """
-    from dks_jax.models import layers
-
-    offsets = offsets or {}
-    wanted = set(model.taps)
-    x = model.stem(jnp.asarray(images).astype(model.dtype), train=train, rngs=rngs)
-    main_feats = [("stem", x)] if collect else []
-    tapped = {}
-    for s, stage in enumerate(model.stages):
-        for b, block in enumerate(stage):
-            x = block(x, train=train, rngs=rngs)
-            pos = (s, b + 1)
-            if pos in offsets:
-                x = x + offsets[pos].astype(x.dtype)
-            if pos in wanted:
-                tapped[pos] = x
-            if collect:
-                main_feats.append((f"stage{s + 1}.block{b + 1}", x))
-    final = x
-    if model.head_norm is not None:
-        final = model.head_norm(final, train=train)
-    logits = [model.fc(layers.global_avg_pool(final))]
-    branch_feats = []
-    for tap, branch in zip(model.taps, model.branches, strict=True):
-        logits.append(branch(tapped[tap], train=train, rngs=rngs))
-        if collect:
-            feats, y = [], tapped[tap]
-            first = _first_stage(model, tap)
-            for j, stage in enumerate(branch.stages):
-                for b, block in enumerate(stage):
-                    y = block(y, train=train, rngs=rngs)
-                    feats.append((f"stage{first + j + 1}.block{b + 1}", y))
-            branch_feats.append(feats)
-    return tuple(z.astype(jnp.float32) for z in logits), tapped, main_feats, branch_feats
+# ---- helpers ------------------------------------------------------------------------------------
 
 
 def _first_stage(model, tap) -> int:
@@ -153,13 +108,13 @@ def gradient_consistency(graphdef, params, batch_stats, images, labels, mask=Non
     def run(offsets):
         model = nnx.merge(graphdef, params, batch_stats)
         rngs = nnx.Rngs(dropout=rng) if rng is not None else None
-        logits, _, _, _ = _trace(model, images, train=train, rngs=rngs, offsets=offsets)
+        logits = model(images, train=train, rngs=rngs, offsets=offsets)
         return jnp.stack([_cross_entropy(z, labels, mask) for z in logits])
 
     def tap_shapes():
         model = nnx.merge(graphdef, params, batch_stats)
-        return _trace(model, images, train=train, rngs=nnx.Rngs(dropout=rng) if rng is not None
-                      else None)[1]
+        return model.features(images, train=train, rngs=nnx.Rngs(dropout=rng) if rng is not None
+                              else None)[1]
 
     zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(tap_shapes))
     losses, vjp = jax.vjp(run, zeros)
@@ -217,10 +172,11 @@ def layer_cka(graphdef, params, batch_stats, images, head: str) -> tuple[jax.Arr
 
     def grams(params, batch_stats, images):
         model = nnx.merge(graphdef, params, batch_stats)
-        _, _, main, branches = _trace(model, images, collect=True)
-        start = [name for name, _ in main].index(_tap_name(tap))
-        main_g = jnp.stack([_gram(x) for _, x in main[start:]])
-        branch_g = jnp.stack([_gram(x) for _, x in branches[index - 1]])
+        _, main = model.features(images, every_block=True)
+        positions = list(main)
+        main_g = jnp.stack([_gram(main[p]) for p in positions[positions.index(tap):]])
+        branch = model.branches[index - 1].features(main[tap], every_block=True)
+        branch_g = jnp.stack([_gram(y) for y in branch.values()])
         return main_g, branch_g
 
     main_g, branch_g = jax.jit(grams)(params, batch_stats, images)

@@ -30,11 +30,24 @@ def tiny():
     return model, graphdef, params.to_pure_dict(), stats.to_pure_dict(), images, labels
 
 
-def test_trace_gives_the_model_logits(tiny):
+def test_analysis_hooks_give_the_model_logits(tiny):
+    """Zero tap offsets (gradient_consistency) and every_block maps (layer_cka) change nothing."""
     model, graphdef, params, stats, images, _ = tiny
     m = nnx.merge(graphdef, params, stats)
-    for a, b in zip(model(images), analysis._trace(m, images)[0], strict=True):
+    _, taps = m.features(images)
+    zeros = {tap: jnp.zeros_like(z) for tap, z in taps.items()}
+    for a, b in zip(model(images), m(images, offsets=zeros), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    last, every = m.features(images, every_block=True)
+    assert list(every) == [(0, 1), (1, 1), (2, 1)]
+    np.testing.assert_array_equal(every[(2, 1)], last)
+    for tap, z in taps.items():
+        np.testing.assert_array_equal(every[tap], z)
+    for tap, branch in zip(m.taps, m.branches, strict=True):
+        maps = branch.features(taps[tap], every_block=True)
+        np.testing.assert_array_equal(list(maps.values())[-1], branch.features(taps[tap]))
+    with pytest.raises(ValueError, match="not taps"):
+        m(images, offsets={(2, 1): zeros[(1, 1)]})
 
 
 def _ce(logits, labels):

@@ -148,11 +148,21 @@ class Branch(nnx.Module):
             features = width
         self.fc = layers.Linear(features, num_classes, dtype=cfg.dtype, rngs=rngs)
 
-    def features(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
-        """The last feature map before the classifier's pooling, [B, H, W, C]."""
-        for stage in self.stages:
-            x = run_stage(stage, x, train=train, rngs=rngs)
-        return x
+    def features(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None,
+                 every_block: bool = False):
+        """The last feature map before the classifier's pooling, [B, H, W, C].
+
+        every_block: instead, ``{(branch stage, blocks done): map}`` after every block, in order
+        (for ``dks_jax.analysis``).
+        """
+        maps = {}
+        for j, stage in enumerate(self.stages):
+            if every_block:
+                for b, block in enumerate(stage):
+                    x = maps[(j, b + 1)] = block(x, train=train, rngs=rngs)
+            else:
+                x = run_stage(stage, x, train=train, rngs=rngs)
+        return maps if every_block else x
 
     def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
         x = self.features(x, train=train, rngs=rngs)

@@ -92,28 +92,57 @@ class Network(nnx.Module):
         return 1 + len(self.branches)
 
     def features(
-        self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+        self,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        rngs: nnx.Rngs | None = None,
+        offsets: Mapping[tuple[int, int], jax.Array] | None = None,
+        every_block: bool = False,
     ) -> tuple[jax.Array, dict[tuple[int, int], jax.Array]]:
-        """Main path up to its last feature map [B, H, W, C], and the feature maps at the taps."""
-        x = self.stem(jnp.asarray(x).astype(self.dtype), train=train, rngs=rngs)
+        """Main path up to its last feature map [B, H, W, C], and the feature maps at the taps.
+
+        The maps are keyed by position ``(stage, blocks done)``. For analysis (``dks_jax.analysis``):
+        offsets: ``{tap: array}`` added to the main path's map at those taps, before both the rest
+          of the main path and the branch read it; with zeros, the gradient with respect to an
+          offset is the gradient with respect to the shared map.
+        every_block: return the map after every block (in order), not only at the taps.
+        """
+        offsets = offsets or {}
         wanted = set(self.taps)
+        if not set(offsets) <= wanted:
+            raise ValueError(f"offsets at {sorted(set(offsets) - wanted)}: not taps {self.taps}")
         tapped = {}
+
+        def keep(pos, x):
+            if pos in offsets:
+                x = x + offsets[pos].astype(x.dtype)
+            if every_block or pos in wanted:
+                tapped[pos] = x
+            return x
+
+        x = self.stem(jnp.asarray(x).astype(self.dtype), train=train, rngs=rngs)
         for s, stage in enumerate(self.stages):
-            if not any(t[0] == s and t[1] < len(stage) for t in wanted):
+            if not every_block and not any(t[0] == s and t[1] < len(stage) for t in wanted):
                 x = run_stage(stage, x, train=train, rngs=rngs)
-            else:  # a branch forks inside this stage
+            else:  # a branch forks inside this stage, or every block's map is wanted
                 for b, block in enumerate(stage):
                     x = block(x, train=train, rngs=rngs)
-                    if (s, b + 1) in wanted:
-                        tapped[(s, b + 1)] = x
-            if (s, len(stage)) in wanted:
-                tapped[(s, len(stage))] = x
+                    if b + 1 < len(stage):
+                        x = keep((s, b + 1), x)
+            x = keep((s, len(stage)), x)
         return x, tapped
 
     def __call__(
-        self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None
+        self,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        rngs: nnx.Rngs | None = None,
+        offsets: Mapping[tuple[int, int], jax.Array] | None = None,
     ) -> tuple[jax.Array, ...]:
-        x, tapped = self.features(x, train=train, rngs=rngs)
+        """``offsets``: see :meth:`features`."""
+        x, tapped = self.features(x, train=train, rngs=rngs, offsets=offsets)
         if self.head_norm is not None:
             x = self.head_norm(x, train=train)
         logits = [self.fc(layers.global_avg_pool(x))]
