@@ -46,8 +46,12 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
 
 
 def total_steps(config, steps_per_epoch: int) -> int:
-    """``num_epochs`` (may be fractional) in steps, at least 1."""
-    return max(1, math.ceil(config.num_epochs * steps_per_epoch))
+    """``num_epochs`` (may be fractional) in steps, rounded up, at least 1.
+
+    The product is rounded to 9 decimals first: 0.28 epochs of 25 steps is 7.000000000000001 in
+    floating point and must stay 7 steps.
+    """
+    return max(1, math.ceil(round(config.num_epochs * steps_per_epoch, 9)))
 
 
 def create_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation,
