@@ -44,11 +44,16 @@ import sys
 import tempfile
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
+from dks_jax import xla_flags
 
-from dks_jax import config_base, models, optim, parallel, train
+if __name__ == "__main__":  # the command line: the CPU defaults of dks_jax.main, before JAX starts
+    xla_flags.apply_cpu_defaults()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dks_jax import config_base, models, optim, parallel, train  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = "benchmarks/results"
@@ -259,8 +264,10 @@ def measure_jax(options: Options) -> dict:
     compiled = lowered.compile()
     t2 = time.perf_counter()
 
+    in_flight = parallel.InFlight()  # unbounded dispatch can hang XLA:CPU (parallel.py)
     for i in range(o.warmup):
         state, metrics = compiled(state, batches[i % o.num_batches])
+        in_flight.add(metrics)
     jax.block_until_ready((state, metrics))
     loss = float(metrics["loss"])
     if not math.isfinite(loss):
@@ -277,6 +284,7 @@ def measure_jax(options: Options) -> dict:
     start = time.perf_counter()
     for i in range(o.steps):
         state, metrics = compiled(state, batches[i % o.num_batches])
+        in_flight.add(metrics)
     jax.block_until_ready((state, metrics))
     pipelined = (time.perf_counter() - start) / o.steps
     final_loss = float(metrics["loss"])

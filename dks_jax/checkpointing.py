@@ -14,10 +14,10 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from dks_jax import paths
+from dks_jax import errors, paths
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
     """No usable checkpoint could be restored, or the workdir holds another run's checkpoints."""
 
 

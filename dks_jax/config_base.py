@@ -45,6 +45,7 @@ def base() -> ml_collections.ConfigDict:
     # Data (dks_jax.data.create).
     c.dataset = "cifar100"  # TFDS name, or a path to an image folder / .tar / .tar.gz
     c.data_dir = ""  # TFDS data_dir, and where image-folder copies of named data sets are looked for
+    c.download = True  # a TFDS name that is not prepared in data_dir is downloaded (needs internet)
     c.train_split = "train"
     c.eval_split = "test"
     c.loader = "auto"  # auto | in_memory | streaming
@@ -74,6 +75,7 @@ def base() -> ml_collections.ConfigDict:
     # Logging, evaluation, checkpoints.
     c.log_every_steps = 100
     c.eval_every_epochs = 1.0
+    c.log_grad_consistency = True  # cosine of main vs branch gradients at every evaluation
     c.checkpoint_every_epochs = 1.0
     c.max_to_keep = 3
     c.async_checkpointing = True

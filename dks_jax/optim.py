@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dks_jax import errors
+
 SCHEDULES = ("step", "cosine", "constant")
 OPTIMIZERS = ("sgd",)
 
@@ -37,7 +39,7 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
     elif name == "constant":
         main = optax.constant_schedule(base)
     else:
-        raise ValueError(f"Unknown config.lr_schedule={name!r}; valid: {', '.join(SCHEDULES)}.")
+        raise errors.ConfigError(f"Unknown config.lr_schedule={name!r}; valid: {', '.join(SCHEDULES)}.")
     if warmup <= 0:
         return main
     if name == "step":  # boundaries are absolute epochs: keep them absolute after the warm-up
@@ -63,13 +65,13 @@ def create_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransf
     convolution and dense kernels (ndim > 1).
     """
     if config.optimizer not in OPTIMIZERS:
-        raise ValueError(f"Unknown config.optimizer={config.optimizer!r}; valid: {OPTIMIZERS}.")
+        raise errors.ConfigError(f"Unknown config.optimizer={config.optimizer!r}; valid: {OPTIMIZERS}.")
     schedule = learning_rate_schedule(config, steps_per_epoch)
     mask = None
     if config.weight_decay_mask == "kernels":
         mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     elif config.weight_decay_mask != "all":
-        raise ValueError(
+        raise errors.ConfigError(
             f"Unknown config.weight_decay_mask={config.weight_decay_mask!r}; valid: all, kernels."
         )
     tx = optax.chain(

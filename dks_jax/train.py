@@ -30,6 +30,7 @@ from dks_jax import (
     checkpointing,
     config_base,
     data,
+    errors,
     losses,
     metrics,
     models,
@@ -52,23 +53,24 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 def validate_config(config) -> None:
     """Fails fast, listing the valid values, on an unknown model, method, dtype or schedule."""
     if config.model not in models.names():
-        raise ValueError(f"Unknown config.model={config.model!r}; valid: {', '.join(models.names())}.")
+        raise errors.ConfigError(
+            f"Unknown config.model={config.model!r}; valid: {', '.join(models.names())}.")
     if config.method not in config_base.METHODS:
-        raise ValueError(
+        raise errors.ConfigError(
             f"Unknown config.method={config.method!r}; valid: {', '.join(config_base.METHODS)}."
         )
     if config.dtype not in DTYPES:
-        raise ValueError(f"Unknown config.dtype={config.dtype!r}; valid: {', '.join(DTYPES)}.")
+        raise errors.ConfigError(f"Unknown config.dtype={config.dtype!r}; valid: {', '.join(DTYPES)}.")
     if config.lr_schedule not in optim.SCHEDULES:
-        raise ValueError(
+        raise errors.ConfigError(
             f"Unknown config.lr_schedule={config.lr_schedule!r}; valid: {', '.join(optim.SCHEDULES)}."
         )
     if config.method == "kd" and not config.loss.teacher_checkpoint:
-        raise ValueError("config.method='kd' needs --config.loss.teacher_checkpoint=<export folder>.")
+        raise errors.ConfigError("config.method='kd' needs --config.loss.teacher_checkpoint=<export folder>.")
     if config.num_seeds < 0:
-        raise ValueError("config.num_seeds must be >= 0 (0 or 1: one run).")
+        raise errors.ConfigError("config.num_seeds must be >= 0 (0 or 1: one run).")
     if config.num_epochs <= 0 or config.batch_size <= 0:
-        raise ValueError("config.num_epochs and config.batch_size must be positive.")
+        raise errors.ConfigError("config.num_epochs and config.batch_size must be positive.")
 
 
 def create_model(config, num_classes: int, *, aux: str | None = None, seed: int | None = None):
@@ -136,12 +138,12 @@ def load_teacher(config, num_classes: int):
         path = path / "export"
     teacher, meta = load_exported_model(path, dtype=DTYPES[config.dtype])
     if config.loss.teacher_model and config.loss.teacher_model != meta["model"]:
-        raise ValueError(
+        raise errors.ConfigError(
             f"config.loss.teacher_model={config.loss.teacher_model!r} but the export at {path} "
             f"holds {meta['model']!r}."
         )
     if meta["num_classes"] != num_classes:
-        raise ValueError(
+        raise errors.ConfigError(
             f"The teacher at {path} has {meta['num_classes']} classes, the data set {num_classes}."
         )
     graphdef, state = nnx.split(teacher)
@@ -309,7 +311,8 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
     # the train state stacked along a leading seed axis and the step vmapped over it (seeds.py).
     seed_list = [config.seed + i for i in range(config.num_seeds)] if config.num_seeds > 1 else None
     if seed_list and dataset.loader != "in_memory":
-        raise ValueError("config.num_seeds > 1 needs the in-memory loader (--config.loader=in_memory).")
+        raise errors.ConfigError(
+            "config.num_seeds > 1 needs the in-memory loader (--config.loader=in_memory).")
     if seed_list:
         graphdef, state = seeds.init_states(config, num_classes, seed_list, tx)
     else:
@@ -347,14 +350,18 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
     make_step = lambda seed: make_train_step(graphdef, tx, schedule, spec, seed, teacher_graphdef)
     if seed_list:
         train_step = jax.jit(seeds.vmap_seeded_step(make_step, seed_list), donate_argnums=0)
-        eval_step = jax.jit(seeds.vmap_eval(make_eval_step(graphdef)))
+        eval_sums = seeds.vmap_eval(make_eval_step(graphdef))
     else:
         train_step = jax.jit(make_step(config.seed), donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(graphdef))
+        eval_sums = make_eval_step(graphdef)
+    # One launch per evaluation batch: the running totals are added inside the jitted step.
+    eval_step = jax.jit(lambda state, batch, totals: jax.tree.map(
+        jnp.add, totals, eval_sums(state, batch)))
+    in_flight = parallel.InFlight()
     # Gradient consistency (DKS supplement, Proposition 1), logged at every evaluation on the first
     # evaluation batch: cosine between the main and each auxiliary CE gradient at the shared map.
     consistency = None
-    if num_heads > 1 and not seed_list:
+    if num_heads > 1 and not seed_list and config.log_grad_consistency:
         consistency = jax.jit(functools.partial(analysis.gradient_consistency, graphdef))
         probe = next(iter(dataset.eval_iterator(eval_batch)))
 
@@ -362,8 +369,11 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
         """Top-1/top-5 (%) of every head and the ensemble; with seeds, their mean and ``per_seed``."""
         totals = None
         for batch in dataset.eval_iterator(eval_batch):
-            sums = eval_step(state, batch)
-            totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+            if totals is None:
+                totals = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                                      jax.eval_shape(eval_sums, state, batch))
+            totals = eval_step(state, batch, totals)
+            in_flight.add(totals, launches=2)  # the batch and the step
         totals = jax.device_get(totals)
         count = np.asarray(totals.pop("count"))
         values = {f"eval_{k}": 100.0 * np.asarray(v, np.float64) / count for k, v in totals.items()}
@@ -386,7 +396,13 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
                for s in seed_list]
         sharding = seeds.stacked_batch_sharding(mesh)
         while True:
-            yield jax.device_put(seeds.stack([next(it) for it in its]), sharding)
+            per_seed = []
+            for it in its:
+                per_seed.append(next(it))
+                in_flight.add(per_seed[-1])
+            stacked = jax.device_put(seeds.stack(per_seed), sharding)
+            in_flight.add(stacked, launches=2 * len(jax.tree.leaves(stacked)))
+            yield stacked
 
     pending = _Pending(first_step=start_step)
     last_log = (time.time(), start_step)
@@ -443,6 +459,7 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
             else:
                 state, step_metrics = train_step(state, batch)
             pending.items.append(step_metrics)
+            in_flight.add(step_metrics, launches=1 if seed_list else 2)  # (the batch and) the step
             step += 1
             for hook in hooks:
                 hook(step)

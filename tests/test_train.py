@@ -199,6 +199,7 @@ def test_workdir_of_another_model_is_refused_then_moved_aside(cifar_subset, tmp_
     assert json.loads((tmp_path / "config.json").read_text())["aux"] == "none"
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-all`
 def test_corrupt_latest_checkpoint_falls_back(cifar_subset, tmp_path, caplog):
     config = tiny_config(cifar_subset, method="ds", checkpoint_every_epochs=2 * 16 / TRAIN_IMAGES)
     train.train_and_evaluate(config, tmp_path)
@@ -231,8 +232,11 @@ def test_num_seeds_equals_separate_runs(cifar_subset, tmp_path):
         from flax import nnx
 
         pa, pb = flat(nnx.state(a, nnx.Param)), flat(nnx.state(b, nnx.Param))
+        # The vmapped and the single program are compiled differently (batched convolutions), so
+        # float32 rounding differs and drifts over the run's steps (seen: up to 8.5e-5); another
+        # seed's data or mask would move these weights by ~5e-3 (learning rate x gradient).
         for k in pb:
-            np.testing.assert_allclose(pa[k], pb[k], rtol=1e-4, atol=1e-5, err_msg=k)
+            np.testing.assert_allclose(pa[k], pb[k], rtol=1e-3, atol=2e-4, err_msg=k)
         assert abs(result["per_seed"][seed]["eval_top1/C1"] - one["eval_top1/C1"]) <= 1.0
     mean = np.mean([r["eval_top1/C1"] for r in result["per_seed"]])
     assert result["eval_top1/C1"] == pytest.approx(mean)
@@ -243,3 +247,6 @@ def test_gradient_consistency_is_logged(cifar_subset, tmp_path):
     for head in ("C2", "C3"):
         assert -1.0 <= result[f"grad_cos/{head}"] <= 1.0
     assert any("grad_cos/C2" in r for r in metrics.read_metrics(tmp_path))
+    off = train.train_and_evaluate(tiny_config(cifar_subset, method="ds", log_grad_consistency=False),
+                                   tmp_path / "off")
+    assert "eval_top1/C2" in off and not any(k.startswith("grad_cos") for k in off)

@@ -26,6 +26,7 @@ import logging
 import jax
 import numpy as np
 
+from dks_jax import errors
 from dks_jax.data import noise as noise_lib
 from dks_jax.data import order, sources
 from dks_jax.data.sources import DataNotFoundError
@@ -102,7 +103,8 @@ class Dataset:
             impl = self._impl
             return (impl.train_batch(global_batch, s, seed) for s in itertools.count(int(start_step)))
         if seed is not None and seed != self.seed:
-            raise ValueError("A per-seed order (config.num_seeds > 1) needs --config.loader=in_memory.")
+            raise errors.ConfigError(
+                "A per-seed order (config.num_seeds > 1) needs --config.loader=in_memory.")
         return self._impl.train_iterator(global_batch, start_step=int(start_step))
 
     def eval_iterator(self, global_batch: int):
@@ -134,7 +136,7 @@ class Dataset:
 
     def _streaming_only(self, what):
         if self.loader != "streaming":
-            raise ValueError(f"{what} exists for the streaming loader; the in_memory loader "
+            raise errors.ConfigError(f"{what} exists for the streaming loader; the in_memory loader "
                              "builds global batches on the devices")
 
 
@@ -147,7 +149,7 @@ def create(config, mesh, *, process_index: int | None = None,
     """
     dataset = _get(config, "dataset", None)
     if not dataset:
-        raise ValueError("config.dataset is empty: set a TFDS name (cifar10, cifar100, "
+        raise errors.ConfigError("config.dataset is empty: set a TFDS name (cifar10, cifar100, "
                          "imagenet2012) or the path of an image folder / .tar / .tar.gz")
     dataset = str(dataset)
     data_dir = _get(config, "data_dir", None) or None
@@ -162,17 +164,18 @@ def create(config, mesh, *, process_index: int | None = None,
     fraction = float(_get(config, "label_noise", 0.0) or 0.0)
     seed = int(_get(config, "seed", 0))
     if loader not in LOADERS:
-        raise ValueError(f"config.loader must be one of {LOADERS}, not {loader!r}")
+        raise errors.ConfigError(f"config.loader must be one of {LOADERS}, not {loader!r}")
     if augment not in AUGMENTS:
-        raise ValueError(f"config.augment must be one of {AUGMENTS}, not {augment!r}")
+        raise errors.ConfigError(f"config.augment must be one of {AUGMENTS}, not {augment!r}")
     if resize_mode not in ("both_sides", "shorter_side"):
-        raise ValueError(f"config.resize_mode must be 'both_sides' or 'shorter_side', not "
+        raise errors.ConfigError(f"config.resize_mode must be 'both_sides' or 'shorter_side', not "
                          f"{resize_mode!r}")
     if cutout < 0:
-        raise ValueError(f"config.cutout must be 0 (off) or a square size, not {cutout}")
+        raise errors.ConfigError(f"config.cutout must be 0 (off) or a square size, not {cutout}")
     order.data_axis_size(mesh)
 
-    source = sources.resolve(dataset, data_dir, train_split, eval_split)
+    source = sources.resolve(dataset, data_dir, train_split, eval_split,
+                             download=bool(_get(config, "download", True)))
     fixed = source.image_shape
     if not image_size:
         image_size = fixed[0] if fixed is not None and fixed[0] == fixed[1] else 224
@@ -187,7 +190,7 @@ def create(config, mesh, *, process_index: int | None = None,
     if loader == "auto":
         loader = "in_memory" if in_memory_ok else "streaming"
     elif loader == "in_memory" and not in_memory_ok:
-        raise ValueError(f"loader='in_memory' is not possible for {source.location}: {why}")
+        raise errors.ConfigError(f"loader='in_memory' is not possible for {source.location}: {why}")
 
     if loader == "in_memory":
         from dks_jax.data.in_memory import InMemoryLoader
