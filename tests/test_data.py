@@ -436,12 +436,57 @@ def test_missing_data_sets(tmp_path):
     with pytest.raises(data.DataNotFoundError, match=r"train/<class>/<image>"):
         data.create(config(str(tmp_path / "nowhere")), mesh)
     with pytest.raises(data.DataNotFoundError, match=r"tfds build cifar100"):
-        data.create(config("cifar100", data_dir=str(tmp_path)), mesh)
+        data.create(config("cifar100", data_dir=str(tmp_path), download=False), mesh)
     with pytest.raises(data.DataNotFoundError, match="downloads/manual"):
         data.create(config("imagenet2012", data_dir=str(tmp_path)), mesh)
     root = tiny_folder(tmp_path / "f")
     with pytest.raises(data.DataNotFoundError, match=r"no split 'val'.*found splits \['test'\]"):
         data.create(config(root, eval_split="val"), mesh)
+
+
+class _FakeBuilder:
+    """An unprepared TFDS builder that records download_and_prepare."""
+
+    def __init__(self, error=None):
+        self.info = type("Info", (), {"splits": {}})()
+        self.data_dir, self.error, self.calls = "", error, 0
+
+    def download_and_prepare(self):
+        self.calls += 1
+        if self.error:
+            raise self.error
+
+
+def test_missing_tfds_data_set_is_downloaded(tmp_path, monkeypatch):
+    """No archive, network at hand: the download path is taken (faked here: no network in tests)."""
+    import tensorflow_datasets as tfds
+
+    fake = _FakeBuilder()
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: fake)
+    monkeypatch.setattr(sources, "_reachable", lambda host, **kw: True)
+    # After the (fake) download the builder is asked again; still no splits -> "not prepared".
+    with pytest.raises(data.DataNotFoundError, match="not prepared"):
+        data.create(config("cifar10", data_dir=str(tmp_path)), make_mesh(1))
+    assert fake.calls == 1
+    fake.calls = 0
+    with pytest.raises(data.DataNotFoundError):
+        data.create(config("cifar10", data_dir=str(tmp_path), download=False), make_mesh(1))
+    assert fake.calls == 0
+
+
+@pytest.mark.parametrize("reachable", [False, True])
+def test_missing_tfds_data_set_without_network_names_both_ways_out(tmp_path, monkeypatch,
+                                                                   reachable):
+    import tensorflow_datasets as tfds
+
+    fake = _FakeBuilder(error=ConnectionError("Name or service not known"))
+    monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: fake)
+    monkeypatch.setattr(sources, "_reachable", lambda host, **kw: reachable)
+    with pytest.raises(data.DataNotFoundError) as info:
+        data.create(config("cifar10", data_dir=str(tmp_path)), make_mesh(1))
+    message = str(info.value)
+    assert "DATA_DIR=" in message and "internet" in message and "cifar10-jpeg.tar.gz" in message
+    assert fake.calls == int(reachable)  # unreachable host: no download tried, no waiting
 
 
 def test_folder_without_classes(tmp_path):

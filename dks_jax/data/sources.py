@@ -32,12 +32,15 @@ import io
 import logging
 import os
 import pathlib
+import socket
 import tarfile
 import threading
 import zlib
 from collections.abc import Sequence
 
 import numpy as np
+
+from dks_jax import errors
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
@@ -57,7 +60,7 @@ STATS_SAMPLE = 1000
 log = logging.getLogger(__name__)
 
 
-class DataNotFoundError(FileNotFoundError):
+class DataNotFoundError(errors.UserError, FileNotFoundError):
     """The data set is not where the config says; the message says how to get it."""
 
 
@@ -244,11 +247,13 @@ def find_folder_copy(name: str, data_dir: str | None, train_split: str) -> pathl
     return None
 
 
-def resolve(dataset: str, data_dir: str | None, train_split: str, eval_split: str) -> Source:
+def resolve(dataset: str, data_dir: str | None, train_split: str, eval_split: str, *,
+            download: bool = True) -> Source:
     """The Source for config values ``dataset``, ``data_dir``, ``train_split``, ``eval_split``.
 
     ``dataset`` is a path to an image folder or archive, or a TFDS name; for a name, an
-    image-folder copy under ``data_dir`` (see ``find_folder_copy``) is used before TFDS.
+    image-folder copy under ``data_dir`` (see ``find_folder_copy``) is used before TFDS, and a TFDS
+    data set that is not prepared yet is downloaded and prepared when ``download`` is set.
     """
     dataset = str(dataset)
     if is_path(dataset):
@@ -263,7 +268,7 @@ def resolve(dataset: str, data_dir: str | None, train_split: str, eval_split: st
     if copy is not None:
         log.info("data set %s: using the image-folder copy %s", dataset, copy)
         return image_folder(copy, train_split, eval_split, name=dataset)
-    return tfds_source(dataset, data_dir, train_split, eval_split)
+    return tfds_source(dataset, data_dir, train_split, eval_split, download=download)
 
 
 # ----------------------------------------------------------------------------- image folders
@@ -457,8 +462,48 @@ def _prepare_hint(name: str, data_dir, train_split: str) -> str:
     return hint
 
 
-def tfds_source(name: str, data_dir, train_split: str, eval_split: str) -> Source:
-    """Source for TFDS data set ``name`` prepared under ``data_dir`` (needs TensorFlow)."""
+# Where TFDS downloads the data sets that need no manual step; checked before a download, so that
+# a machine without internet gets its message at once rather than after minutes of retries.
+DOWNLOAD_HOSTS = {"cifar10": "www.cs.toronto.edu", "cifar100": "www.cs.toronto.edu"}
+
+
+def _reachable(host: str, port: int = 443, timeout: float = 5.0) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def _no_data_message(name: str, data_dir, train_split: str, why: str) -> str:
+    where = data_dir or "~/tensorflow_datasets"
+    return (
+        f"The data set {name!r} is not in {where} and {why}. Two ways out: put an image-folder "
+        f"copy there ({where}/{name}-jpeg.tar.gz or {where}/{name}/{train_split}/<class>/<image>) "
+        f"and pass its folder (`make demo DATA_DIR=<folder>`, or --config.data_dir=<folder>); or "
+        f"run where there is internet, and TFDS downloads and prepares it into {where}."
+    )
+
+
+def _download(builder, name: str, data_dir, train_split: str) -> None:
+    """Downloads and prepares a TFDS data set; a clear DataNotFoundError when that is impossible."""
+    host = DOWNLOAD_HOSTS.get(name)
+    if host is not None and not _reachable(host):
+        raise DataNotFoundError(_no_data_message(
+            name, data_dir, train_split, f"cannot be downloaded ({host} cannot be reached)"))
+    log.warning("data set %s is not prepared in %s: downloading and preparing it (once).", name,
+                data_dir or "~/tensorflow_datasets")
+    try:
+        builder.download_and_prepare()
+    except OSError as e:  # requests' connection errors are OSErrors
+        raise DataNotFoundError(_no_data_message(
+            name, data_dir, train_split, f"its download failed ({type(e).__name__}: {e})")) from e
+
+
+def tfds_source(name: str, data_dir, train_split: str, eval_split: str, *,
+                download: bool = True) -> Source:
+    """Source for TFDS data set ``name`` under ``data_dir`` (needs TensorFlow); downloaded and
+    prepared first when it is not there and ``download`` is set."""
     try:
         import tensorflow_datasets as tfds
     except ImportError as e:
@@ -473,6 +518,10 @@ def tfds_source(name: str, data_dir, train_split: str, eval_split: str) -> Sourc
         raise DataNotFoundError(
             f"{name!r} is neither a path nor a TFDS data set ({type(e).__name__}: {e})"
         ) from e
+    manual = bool(getattr(builder, "MANUAL_DOWNLOAD_INSTRUCTIONS", None))  # e.g. ImageNet
+    if download and not manual and not builder.info.splits:
+        _download(builder, name, data_dir, train_split)
+        builder = tfds.builder(name, data_dir=data_dir)
     info = builder.info
     sizes = {}
     for split in (train_split, eval_split):
