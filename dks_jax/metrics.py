@@ -52,11 +52,52 @@ class JsonlWriter(_PlainWriter):
 
 
 class ConsoleWriter(_PlainWriter):
-    """Prints one line per call (stdout; absl logs go to stderr)."""
+    """One readable line per call on stdout (absl logs go to stderr); metrics.jsonl has the rest.
+
+    A train record (with ``loss``) prints progress, loss, main-head train top-1, images/s and the
+    time left; an evaluation record the test top-1 of every head; the run's summary record its
+    size. Other records (clu's ``steps_per_sec``/``uptime`` notes) are not printed.
+    """
+
+    SILENT = frozenset({"steps_per_sec", "uptime"})
+
+    def __init__(self):
+        self.total_steps = None
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]):
-        text = " ".join(f"{k}={_fmt(v)}" for k, v in scalars.items())
-        print(f"[step {step}] {text}", flush=True)
+        line = self.format(step, {k: _plain(v) for k, v in scalars.items()})
+        if line:
+            print(line, flush=True)
+
+    def format(self, step: int, s: Mapping) -> str:
+        if "total_steps" in s:
+            self.total_steps = int(s["total_steps"])
+        total = self.total_steps
+        where = f"step {step}/{total} ({100 * step / total:.0f}%)" if total else f"step {step}"
+        if "loss" in s:
+            parts = [where]
+            if "epoch" in s:
+                parts.append(f"epoch {s['epoch']:.2f}")
+            parts.append(f"loss {_fmt(s['loss'])}")
+            if "train_top1/C1" in s:
+                parts.append(f"train top-1 {100 * s['train_top1/C1']:.1f}%")
+            if "images_per_sec" in s:
+                parts.append(f"{s['images_per_sec']:.0f} img/s")
+            if "eta_min" in s:
+                parts.append(f"eta {format_duration(60 * s['eta_min'])}")
+            return " | ".join(parts)
+        top1 = {k.split("/", 1)[1]: v for k, v in s.items() if k.startswith("eval_top1/")}
+        if top1:
+            heads = " ".join(f"{h} {v:.2f}" for h, v in top1.items())
+            return f"{where} | test top-1 (%): {heads}"
+        if "num_params" in s:
+            return (f"{s['num_params']:,} parameters, {s.get('num_heads', 1)} head(s), "
+                    f"{s.get('num_train', '?'):,} training / {s.get('num_eval', '?'):,} test images, "
+                    f"{total} steps on {s.get('num_devices', '?')} device(s)")
+        rest = {k: v for k, v in s.items() if k not in self.SILENT}
+        if not rest:
+            return ""
+        return f"[{where}] " + " ".join(f"{k}={_fmt(v)}" for k, v in rest.items())
 
 
 def _fmt(v) -> str:
@@ -64,6 +105,17 @@ def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def format_duration(seconds: float) -> str:
+    """``75`` -> ``"1m15s"``; ``4000`` -> ``"1h06m"``."""
+    if not math.isfinite(seconds):
+        return "?"
+    seconds = int(round(max(seconds, 0)))
+    if seconds < 60:
+        return f"{seconds}s"
+    m, s = divmod(seconds, 60)
+    return f"{m}m{s:02d}s" if m < 60 else f"{m // 60}h{m % 60:02d}m"
 
 
 class MultiWriter:

@@ -9,15 +9,16 @@ import tarfile
 
 import pytest
 
+from dks_jax import xla_flags
+
 _FLAGS = [
     "--xla_force_host_platform_device_count=8",
-    # XNNPACK convolutions: 1.6-2x faster small CIFAR ResNets on XLA:CPU (DESIGN.md, Tests).
-    "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution",
-    "--xla_cpu_experimental_xnn_fusion_type=+individual_convolution",
-    # 8 fake devices share 2 cores: under load one device's thread can reach a collective long
-    # after the others; XLA:CPU's default is to abort the process after a short wait.
-    "--xla_cpu_collective_call_terminate_timeout_seconds=1200",
-    "--xla_cpu_collective_timeout_seconds=1200",
+    *xla_flags.CPU_FLAGS,  # what the command-line tools use on CPU
+    # 8 fake devices share 2 cores, so a participant of a collective can arrive seconds after
+    # the others; one that never arrives is a hang, which XLA aborts after 120 + 120 s with the
+    # rendezvous named (pytest-timeout's per-test limit, pyproject.toml, comes after that).
+    "--xla_cpu_collective_timeout_seconds=120",
+    "--xla_cpu_collective_call_terminate_timeout_seconds=120",
 ]
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), *_FLAGS]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
