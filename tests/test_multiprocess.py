@@ -40,6 +40,7 @@ def _run_pair(data_root, workdir, stop_at, tmp_path, tag):
     return [json.loads(o.read_text()) for o in outs]
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-all`
 def test_two_processes_train_save_and_restore(cifar_subset, tmp_path):
     workdir = tmp_path / "run"
     first = _run_pair(cifar_subset, workdir, 2, tmp_path, "first")

@@ -184,6 +184,7 @@ def get_config(method=None):
 """
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-all`
 def test_end_to_end_sweep_of_two_seeds(cifar_subset, tmp_path):
     cfg = tmp_path / "tiny.py"
     cfg.write_text(TINY_CONFIG.format(root=str(cifar_subset)))
@@ -230,6 +231,7 @@ def test_end_to_end_sweep_of_two_seeds(cifar_subset, tmp_path):
 # ---- the seed vmap ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-all`
 def test_vmapped_seeds_equal_separate_runs():
     """Init and 3 DHM steps (random branch mask, BN statistics) of 2 seeds at once == one by one."""
     c = config_base.base()
