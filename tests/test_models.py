@@ -212,6 +212,11 @@ def test_heads_per_aux_and_defaults():
     )
     assert models.aux_designs("resnet18") == ("none", "paper", "simple")
     assert models.aux_designs("cifar_resnet1202") == ("none", "paper", "dhm")
+    assert models.aux_designs("cifar_resnet8") == ("none", "paper", "simple", "narrow")
+    narrow = abstract("cifar_resnet8", aux="narrow")  # the demo's branches: half the paper's widths
+    assert narrow.head_names == ("C1", "C2", "C3")
+    count = lambda m: sum(x.size for x in jax.tree.leaves(nnx.state(m, nnx.Param)))
+    assert count(narrow) == 150_446 < count(abstract("cifar_resnet8", aux="paper")) == 331_566
 
 
 def test_bad_arguments_are_rejected():

@@ -150,7 +150,11 @@ _RESNET1202_WIDE = (
 MODELS = {
     # ResNet-8 (n=1): not in the papers; the smallest member of the family, for tests and demos.
     "cifar_resnet8": ModelSpec(
-        CifarResNet, _stages(1), {"paper": _paper((1, 1), 1)},
+        CifarResNet, _stages(1),
+        # "narrow": the paper's design at half the widths (DKS Table 6), the CPU demo's branches.
+        {"paper": _paper((1, 1), 1), "simple": _RESNET32_ABLATIONS["simple"],
+         "narrow": (BranchSpec("C2", after=1, stages=(StageSpec(1, 64),)),
+                    BranchSpec("C3", after=0, stages=(StageSpec(1, 16), StageSpec(1, 32))))},
         reference=(10, "not in the papers: He et al. 2016 6n+2 family with n=1"),
     ),
     "cifar_resnet32": ModelSpec(
