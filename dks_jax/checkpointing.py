@@ -134,9 +134,11 @@ def _barrier(name: str) -> None:
 
 
 def move_aside(workdir) -> epath.Path | None:
-    """Renames a previous run's checkpoints, best and export folders to ``previous-<n>/`` (no data lost)."""
+    """Renames a previous run (checkpoints, best, export, config, metrics, TensorBoard events) to
+    ``previous-<n>/``: nothing is lost, and nothing of it mixes with the next run's."""
     workdir = paths.as_path(workdir)
-    names = [n for n in ("checkpoints", "best", "export") if (workdir / n).exists()]
+    names = [n for n in ("checkpoints", "best", "export", "config.json", "metrics.jsonl",
+                         "tensorboard") if (workdir / n).exists()]
     if not names:
         return None
     n = 0

@@ -15,6 +15,8 @@ import dataclasses
 import functools
 import json
 import logging
+import math
+import os
 import signal
 import threading
 import time
@@ -40,10 +42,15 @@ from dks_jax import (
     seeds,
 )
 
-# Fields that decide the shapes of the train state: a workdir whose checkpoints were written with
-# other values belongs to another run.
-STATE_FIELDS = ("model", "aux", "branches", "num_classes", "dataset", "optimizer", "momentum",
-                "num_seeds")
+# A workdir holds one experiment. These config fields may change when a run is resumed (cadence,
+# length, paths, verbosity; each change is logged); a change of any other field (method, loss.*,
+# seed, data, noise, augmentation, optimizer, schedule, batch size, model, dtype, ...) would blend
+# two experiments, so the run stops and names the fields.
+RESUMABLE_FIELDS = frozenset({
+    "log_every_steps", "eval_every_epochs", "checkpoint_every_epochs", "max_to_keep",
+    "async_checkpointing", "profile_steps", "log_grad_consistency", "num_epochs", "data_dir",
+    "download", "start_over", "loss.teacher_checkpoint",
+})
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -69,8 +76,24 @@ def validate_config(config) -> None:
         raise errors.ConfigError("config.method='kd' needs --config.loss.teacher_checkpoint=<export folder>.")
     if config.num_seeds < 0:
         raise errors.ConfigError("config.num_seeds must be >= 0 (0 or 1: one run).")
-    if config.num_epochs <= 0 or config.batch_size <= 0:
-        raise errors.ConfigError("config.num_epochs and config.batch_size must be positive.")
+    for field in ("num_epochs", "batch_size", "learning_rate"):
+        value = config[field]
+        if not (math.isfinite(value) and value > 0):
+            raise errors.ConfigError(f"config.{field}={value!r} must be a positive number.")
+
+
+def check_workdir_writable(workdir) -> None:
+    """A workdir that cannot be created or written is a ConfigError now, not after data loading."""
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write-test-{os.getpid()}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise errors.ConfigError(
+            f"--workdir={workdir} cannot be written ({type(e).__name__}: {e}); choose a folder "
+            "you can write to."
+        ) from e
 
 
 def create_model(config, num_classes: int, *, aux: str | None = None, seed: int | None = None):
@@ -255,25 +278,47 @@ class _Pending:
     items: list = dataclasses.field(default_factory=list)
 
 
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def experiment_changes(saved: dict, config) -> tuple[dict, dict]:
+    """``(other_experiment, allowed)``: the fields whose values differ, ``{field: (saved, now)}``,
+    split by :data:`RESUMABLE_FIELDS`. A field the saved config lacks (an older version wrote it)
+    counts as allowed."""
+    old, new = _flat(saved), _flat(_jsonable(config))
+    diff = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+            if old.get(k) != new.get(k)}
+    allowed = {k: v for k, v in diff.items() if k in RESUMABLE_FIELDS or k not in old}
+    return {k: v for k, v in diff.items() if k not in allowed}, allowed
+
+
 def _check_workdir(config, workdir, ckpts: checkpointing.Checkpoints) -> checkpointing.Checkpoints:
-    """Refuses a workdir holding another model's checkpoints unless ``start_over`` (then moves aside)."""
+    """Refuses a workdir holding another experiment unless ``start_over`` (then moves it aside)."""
     saved = workdir / "config.json"
-    has_checkpoints = bool(ckpts.all_steps())
-    if has_checkpoints and saved.exists():
-        old = json.loads(saved.read_text())
-        diff = {k: (old.get(k), _jsonable(config[k])) for k in STATE_FIELDS
-                if old.get(k) != _jsonable(config[k])}
-        if diff and not config.start_over:
-            changes = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+    has_run = bool(ckpts.all_steps()) or (workdir / metrics.METRICS_FILE).exists()
+    if has_run and saved.exists():
+        other, allowed = experiment_changes(json.loads(saved.read_text()), config)
+        if other and not config.start_over:
+            changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in other.items())
             raise checkpointing.CheckpointError(
-                f"{workdir} holds checkpoints of a different run ({changes}). "
-                "Use another --workdir, or set --config.start_over=True to move them aside "
-                "(kept under previous-N/) and start anew."
+                f"{workdir} holds a different experiment ({changes}). Use another --workdir, or "
+                "set --config.start_over=True to move the old run aside (kept under "
+                "previous-N/) and start anew."
             )
-    if config.start_over and has_checkpoints:
+        if not other:
+            for k, (a, b) in allowed.items():
+                logging.warning("Resuming %s with %s changed: %r -> %r", workdir, k, a, b)
+    if config.start_over and has_run:
         ckpts.close()
         moved = checkpointing.move_aside(workdir)
-        logging.warning("start_over: moved the previous run's checkpoints to %s", moved)
+        logging.warning("start_over: moved the previous run to %s", moved)
         return checkpointing.Checkpoints(workdir, max_to_keep=config.max_to_keep,
                                          async_save=config.async_checkpointing)
     return ckpts
@@ -293,7 +338,10 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
     """
     validate_config(config)
     workdir = paths.as_path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        check_workdir_writable(workdir)
+    else:
+        workdir.mkdir(parents=True, exist_ok=True)
     mesh = mesh or parallel.create_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     eval_batch = config.eval_batch_size or config.batch_size

@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from dks_jax import checkpointing, config_base, metrics, parallel, train
+from dks_jax import checkpointing, config_base, errors, metrics, parallel, train
 
 TINY = dict(model="cifar_resnet8")
 TRAIN_IMAGES = 400  # the cifar_subset fixture: 40 per class
@@ -169,6 +169,24 @@ def test_unknown_names_list_the_valid_ones(cifar_subset, tmp_path, field, value,
         train.train_and_evaluate(tiny_config(cifar_subset, **{field: value}), tmp_path)
 
 
+@pytest.mark.parametrize("field,value", [
+    ("learning_rate", float("nan")), ("learning_rate", 0.0), ("learning_rate", -0.1),
+    ("num_epochs", 0.0), ("batch_size", -16),
+])
+def test_bad_numbers_fail_before_data_naming_the_field(tmp_path, field, value):
+    config = tiny_config(tmp_path / "no data needed", **{field: value})
+    with pytest.raises(errors.ConfigError, match=rf"config\.{field}=.*must be a positive number"):
+        train.train_and_evaluate(config, tmp_path / "w")
+
+
+def test_unwritable_workdir_fails_before_data(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    config = tiny_config(tmp_path / "no data needed")
+    with pytest.raises(errors.ConfigError, match="cannot be written"):
+        train.train_and_evaluate(config, blocker / "run")
+
+
 def test_unknown_dataset_is_a_clear_error(tmp_path):
     config = tiny_config(tmp_path / "no_such_dataset")
     config.dataset = "no_such_dataset"
@@ -191,12 +209,38 @@ def test_batch_that_does_not_divide_over_devices(cifar_subset, tmp_path):
 def test_workdir_of_another_model_is_refused_then_moved_aside(cifar_subset, tmp_path):
     train.train_and_evaluate(tiny_config(cifar_subset, method="dks"), tmp_path)
     other = tiny_config(cifar_subset, method="baseline", aux="none")
-    with pytest.raises(checkpointing.CheckpointError, match="different run.*start_over"):
+    with pytest.raises(checkpointing.CheckpointError, match="different experiment.*start_over"):
         train.train_and_evaluate(other, tmp_path)
     other.start_over = True
     train.train_and_evaluate(other, tmp_path)
-    assert (tmp_path / "previous-0" / "checkpoints").exists()  # nothing lost
+    for name in ("checkpoints", "config.json", "metrics.jsonl"):
+        assert (tmp_path / "previous-0" / name).exists()  # nothing lost, nothing mixed
+    assert json.loads((tmp_path / "previous-0" / "config.json").read_text())["aux"] == "paper"
     assert json.loads((tmp_path / "config.json").read_text())["aux"] == "none"
+    assert all(r["step"] <= 4 for r in metrics.read_metrics(tmp_path))  # only the new run's lines
+
+
+def test_workdir_holds_one_experiment(cifar_subset, tmp_path, caplog):
+    """Rerunning a finished run with other experiment fields stops with their diff; the saved
+    config is kept. Cadence, length and paths may change, and each change is logged."""
+    config = tiny_config(cifar_subset, method="dks")
+    first = train.train_and_evaluate(config, tmp_path)
+    saved = (tmp_path / "config.json").read_text()
+    other = tiny_config(cifar_subset, method="ds", seed=7, label_noise=0.5)
+    other.loss.temperature = 3.0
+    with pytest.raises(checkpointing.CheckpointError) as info:
+        train.train_and_evaluate(other, tmp_path)
+    message = str(info.value)
+    for change in ("method: 'dks' -> 'ds'", "seed: 0 -> 7", "label_noise: 0.0 -> 0.5",
+                   "loss.temperature: 1.0 -> 3.0"):
+        assert change in message
+    assert (tmp_path / "config.json").read_text() == saved
+    longer = tiny_config(cifar_subset, method="dks", log_every_steps=1,
+                         num_epochs=config.num_epochs * 1.5)
+    with caplog.at_level("WARNING"):
+        result = train.train_and_evaluate(longer, tmp_path)
+    assert "log_every_steps changed: 2 -> 1" in caplog.text and "num_epochs changed" in caplog.text
+    assert result["eval_top1/C1"] >= 0 and first["eval_count"] == result["eval_count"]
 
 
 @pytest.mark.slow  # over 30 s on 2 cores: `make test-all`
@@ -221,22 +265,23 @@ def test_corrupt_latest_checkpoint_falls_back(cifar_subset, tmp_path, caplog):
 
 def test_num_seeds_equals_separate_runs(cifar_subset, tmp_path):
     """config.num_seeds=2 trains seeds 0 and 1 in one vmapped program; each equals its own run."""
+    # One device: on 8 fake devices (2 images each) this comparison varied from run to run within
+    # the suite (1.7e-5 to 4.3e-4 after 4 steps), while on one device it is stable at this
+    # tolerance; the property tested here needs no mesh (1 vs 8 devices has its own test).
+    mesh = parallel.create_mesh(jax.devices()[:1])
     config = tiny_config(cifar_subset, method="dhm", num_seeds=2)
-    result = train.train_and_evaluate(config, tmp_path / "vmapped")
+    result = train.train_and_evaluate(config, tmp_path / "vmapped", mesh=mesh)
     assert [r["seed"] for r in result["per_seed"]] == [0, 1]
     for seed in (0, 1):
         single = tiny_config(cifar_subset, method="dhm", seed=seed)
-        one = train.train_and_evaluate(single, tmp_path / f"seed{seed}")
+        one = train.train_and_evaluate(single, tmp_path / f"seed{seed}", mesh=mesh)
         a = train.load_exported_model(tmp_path / "vmapped" / "export" / f"seed{seed}")[0]
         b = train.load_exported_model(tmp_path / f"seed{seed}" / "export")[0]
         from flax import nnx
 
         pa, pb = flat(nnx.state(a, nnx.Param)), flat(nnx.state(b, nnx.Param))
-        # The vmapped and the single program are compiled differently (batched convolutions), so
-        # float32 rounding differs and drifts over the run's steps (seen: up to 8.5e-5); another
-        # seed's data or mask would move these weights by ~5e-3 (learning rate x gradient).
         for k in pb:
-            np.testing.assert_allclose(pa[k], pb[k], rtol=1e-3, atol=2e-4, err_msg=k)
+            np.testing.assert_allclose(pa[k], pb[k], rtol=1e-4, atol=1e-5, err_msg=k)
         assert abs(result["per_seed"][seed]["eval_top1/C1"] - one["eval_top1/C1"]) <= 1.0
     mean = np.mean([r["eval_top1/C1"] for r in result["per_seed"]])
     assert result["eval_top1/C1"] == pytest.approx(mean)
