@@ -47,7 +47,7 @@ from dks_jax import (
 # seed, data, noise, augmentation, optimizer, schedule, batch size, model, dtype, ...) would blend
 # two experiments, so the run stops and names the fields.
 RESUMABLE_FIELDS = frozenset({
-    "log_every_steps", "eval_every_epochs", "checkpoint_every_epochs", "max_to_keep",
+    "log_every_steps", "eval_every_epochs", "eval_batch_size", "checkpoint_every_epochs", "max_to_keep",
     "async_checkpointing", "profile_steps", "log_grad_consistency", "num_epochs", "data_dir",
     "download", "start_over", "loss.teacher_checkpoint",
 })
@@ -402,7 +402,7 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
     else:
         train_step = jax.jit(make_step(config.seed), donate_argnums=0)
         eval_sums = make_eval_step(graphdef)
-    # One launch per evaluation batch: the running totals are added inside the jitted step.
+    # The running totals are added inside the jitted step: two launches per evaluation batch.
     eval_step = jax.jit(lambda state, batch, totals: jax.tree.map(
         jnp.add, totals, eval_sums(state, batch)))
     in_flight = parallel.InFlight()

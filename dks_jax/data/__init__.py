@@ -136,7 +136,7 @@ class Dataset:
 
     def _streaming_only(self, what):
         if self.loader != "streaming":
-            raise errors.ConfigError(f"{what} exists for the streaming loader; the in_memory loader "
+            raise ValueError(f"{what} exists for the streaming loader; the in_memory loader "
                              "builds global batches on the devices")
 
 
@@ -150,7 +150,7 @@ def create(config, mesh, *, process_index: int | None = None,
     dataset = _get(config, "dataset", None)
     if not dataset:
         raise errors.ConfigError("config.dataset is empty: set a TFDS name (cifar10, cifar100, "
-                         "imagenet2012) or the path of an image folder / .tar / .tar.gz")
+                                 "imagenet2012) or the path of an image folder / .tar / .tar.gz")
     dataset = str(dataset)
     data_dir = _get(config, "data_dir", None) or None
     train_split = str(_get(config, "train_split", "train"))
@@ -168,8 +168,8 @@ def create(config, mesh, *, process_index: int | None = None,
     if augment not in AUGMENTS:
         raise errors.ConfigError(f"config.augment must be one of {AUGMENTS}, not {augment!r}")
     if resize_mode not in ("both_sides", "shorter_side"):
-        raise errors.ConfigError(f"config.resize_mode must be 'both_sides' or 'shorter_side', not "
-                         f"{resize_mode!r}")
+        raise errors.ConfigError(f"config.resize_mode must be 'both_sides' or 'shorter_side', "
+                                 f"not {resize_mode!r}")
     if cutout < 0:
         raise errors.ConfigError(f"config.cutout must be 0 (off) or a square size, not {cutout}")
     order.data_axis_size(mesh)
