@@ -478,10 +478,10 @@ def _reachable(host: str, port: int = 443, timeout: float = 5.0) -> bool:
 def _no_data_message(name: str, data_dir, train_split: str, why: str) -> str:
     where = data_dir or "~/tensorflow_datasets"
     return (
-        f"The data set {name!r} is not in {where} and {why}. Two ways out: put an image-folder "
-        f"copy there ({where}/{name}-jpeg.tar.gz or {where}/{name}/{train_split}/<class>/<image>) "
-        f"and pass its folder (`make demo DATA_DIR=<folder>`, or --config.data_dir=<folder>); or "
-        f"run where there is internet, and TFDS downloads and prepares it into {where}."
+        f"The data set {name!r} is not in {where} and {why}. Two ways out: point at a folder "
+        f"holding {name}-jpeg.tar.gz (or {name}/{train_split}/<class>/<image>) with "
+        f"`make demo DATA_DIR=<folder>` or --config.data_dir=<folder>; or run where there is "
+        f"internet, and TFDS downloads and prepares it into {where} once."
     )
 
 
