@@ -75,6 +75,10 @@ def trace_forward(model, batch, *, size, train=False, rngs_seed=None):
         ("resnet152", 1000, 60_192_808),
         ("cifar_resnet32", 10, 464_154),
         ("wrn28_10", 10, 36_479_194),
+        # 16-channel stem for the plain DenseNets, 2k = 24 for BC (Huang et al. 2017).
+        ("densenet40_k12", 10, 1_019_722),
+        ("densenet100_k12", 10, 6_979_642),
+        ("densenet_bc100_k12", 10, 769_162),
     ],
 )
 def test_param_counts_plain_backbones(name, classes, expected):

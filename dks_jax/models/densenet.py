@@ -117,7 +117,10 @@ def _densenet(depth: int, k: int, bc: bool, c3: tuple[int, int], c2: int, publis
         BranchSpec("C2", after=1, stages=(StageSpec(c2, 3 * k),)),
         BranchSpec("C3", after=0, stages=(StageSpec(c3[0], k), StageSpec(c3[1], k))),
     )
-    options = {"growth": k, "bottleneck": bc, "compression": 0.5 if bc else 1.0}
+    # Stem: 16 channels for the plain DenseNets, 2k for DenseNet-BC (Huang et al. 2017, Sec. 4;
+    # the DHM authors' code likewise); ``stem_features`` overrides it.
+    options = {"growth": k, "bottleneck": bc, "compression": 0.5 if bc else 1.0,
+               "stem_features": 2 * k if bc else 16}
     return ModelSpec(
         DenseNet, tuple(StageSpec(n, k) for _ in range(3)), {"paper": paper}, options,
         reference=(10, f"{published}, Huang et al. 2017, Table 2"),
