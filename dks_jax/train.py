@@ -408,9 +408,13 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
     in_flight = parallel.InFlight()
     # Gradient consistency (DKS supplement, Proposition 1), logged at every evaluation on the first
     # evaluation batch: cosine between the main and each auxiliary CE gradient at the shared map.
+    # With several seeds it is computed for each (vmapped); the result holds their mean.
     consistency = None
-    if num_heads > 1 and not seed_list and config.log_grad_consistency:
-        consistency = jax.jit(functools.partial(analysis.gradient_consistency, graphdef))
+    if num_heads > 1 and config.log_grad_consistency:
+        consistency = functools.partial(analysis.gradient_consistency, graphdef)
+        if seed_list:
+            consistency = jax.vmap(consistency, in_axes=(0, 0, None, None, None))
+        consistency = jax.jit(consistency)
         probe = next(iter(dataset.eval_iterator(eval_batch)))
 
     def evaluate(state) -> dict:
@@ -430,7 +434,9 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
         if consistency is not None:
             cos = consistency(state["params"], state["batch_stats"], probe["image"], probe["label"],
                               probe["mask"])
-            result.update({k: float(v) for k, v in jax.device_get(cos).items()})
+            cos = {k: np.asarray(v, np.float64) for k, v in jax.device_get(cos).items()}
+            values.update(cos)  # per seed below, if several
+            result.update({k: float(np.mean(v)) for k, v in cos.items()})
         if seed_list:
             result["per_seed"] = [
                 {"seed": s, "eval_count": result["eval_count"],

@@ -284,6 +284,10 @@ def test_num_seeds_equals_separate_runs(cifar_subset, tmp_path):
         assert abs(result["per_seed"][seed]["eval_top1/C1"] - one["eval_top1/C1"]) <= 1.0
     mean = np.mean([r["eval_top1/C1"] for r in result["per_seed"]])
     assert result["eval_top1/C1"] == pytest.approx(mean)
+    # Gradient consistency per seed, and their mean.
+    cos = [r["grad_cos/C2"] for r in result["per_seed"]]
+    assert all(-1.0 <= c <= 1.0 for c in cos) and result["grad_cos/C2"] == pytest.approx(np.mean(cos))
+    assert one["grad_cos/C2"] == pytest.approx(cos[1], abs=1e-4)
 
 
 def test_gradient_consistency_is_logged(cifar_subset, tmp_path):
