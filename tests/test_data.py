@@ -300,6 +300,24 @@ def test_label_noise_through_both_loaders(cifar_subset):
     assert data.create(config(cifar_subset, loader="in_memory"), mesh).label_noise_report == {}
 
 
+def test_label_noise_is_per_seed_with_several_seeds(cifar_subset):
+    """``train_iterator(seed=k)`` of a seed-4 data set serves exactly a seed-k run's batch,
+    noisy labels included (config.num_seeds shares one copy of the images)."""
+    mesh = make_mesh(8)
+    shared = data.create(config(cifar_subset, loader="in_memory", augment="none",
+                                label_noise=0.5, seed=4), mesh)
+    own = data.create(config(cifar_subset, loader="in_memory", augment="none", label_noise=0.5,
+                             seed=5), mesh)
+    for step in (0, 12):  # two epochs (10 steps of 40 each)
+        a = host(next(shared.train_iterator(40, start_step=step, seed=5)))
+        b = host(next(own.train_iterator(40, start_step=step)))
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    c = host(next(shared.train_iterator(40, seed=4)))
+    noisy4 = noise.label_noise(400, 10, 0.5, seed=4).apply(shared.source.train.labels)
+    np.testing.assert_array_equal(c["label"], noisy4[order.train_indices(4, 400, 40, 0)])
+
+
 # --------------------------------------------------------------------------- TFDS (mocked)
 
 

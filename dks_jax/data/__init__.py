@@ -94,8 +94,9 @@ class Dataset:
         Yields {"image": float32 [B, H, W, C], "label": int32 [B]}, global jax.Arrays with
         ``NamedSharding(mesh, P('data'))``. The batch of step ``s`` depends only on
         (seed, s // steps_per_epoch, s % steps_per_epoch). ``seed`` overrides the config's seed
-        (in-memory loader only): several seeds then share one copy of the data on the devices.
-        Label noise, if any, is drawn once from the config's seed and shared.
+        (in-memory loader only): several seeds then share one copy of the images on the devices,
+        and each gets the order, augmentation and label noise a run with ``config.seed = seed``
+        gets.
         """
         self._check(global_batch)
         self.steps_per_epoch(global_batch)
@@ -195,14 +196,18 @@ def create(config, mesh, *, process_index: int | None = None,
     if loader == "in_memory":
         from dks_jax.data.in_memory import InMemoryLoader
 
-        train_y = source.train.labels
+        clean = np.asarray(source.train.labels)
+        labels_for_seed = None
         if noise is not None:
-            train_y = noise.apply(train_y)
+            # Each seed's own noise, as a run with config.seed = s draws it (config.num_seeds).
+            labels_for_seed = lambda s: noise_lib.label_noise(
+                len(clean), source.num_classes, fraction, s).apply(clean)
         impl = InMemoryLoader(
             mesh,
-            (source.train.decode_all(), train_y),
+            (source.train.decode_all(), noise.apply(clean) if noise is not None else clean),
             (source.eval.decode_all(), np.asarray(source.eval.labels, np.int32)),
             augment=augment, cutout=cutout, mean=source.mean, std=source.std, seed=seed,
+            labels_for_seed=labels_for_seed,
         )
     else:
         from dks_jax.data.streaming import StreamingLoader

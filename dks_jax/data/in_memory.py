@@ -92,14 +92,17 @@ class InMemoryLoader:
     Args:
       mesh: the mesh; batches and images are sharded over its axis ``'data'``.
       train, eval: (images uint8 [N, H, W, C], labels int32 [N]) on the host, identical on every
-        process (labels already with noise).
+        process (the training labels already with the run's seed's noise, if any).
       augment: ``'cifar'`` or ``'none'``.
       cutout: square size, 0 = off.
       mean, std: per-channel, in [0, 1] units.
-      seed: the run's seed (order and augmentation).
+      seed: the run's seed (order, augmentation and label noise).
+      labels_for_seed: ``seed -> int32 [N]`` training labels of another seed (its own label noise),
+        for ``train_batch(..., seed=k)``; None: every seed uses ``train``'s labels.
     """
 
-    def __init__(self, mesh, train, eval, *, augment: str, cutout: int, mean, std, seed: int):
+    def __init__(self, mesh, train, eval, *, augment: str, cutout: int, mean, std, seed: int,
+                 labels_for_seed=None):
         if augment not in ("cifar", "none"):
             raise ValueError(
                 f"the in_memory loader supports augment='cifar' or 'none', not {augment!r} "
@@ -123,17 +126,27 @@ class InMemoryLoader:
         self._eval_fn = _batch_fn(mesh, hw, augment="none", cutout=0, train=False, **common)
         self._seed = np.uint32(self.seed % 2**32)
         self._perms = {}  # seed -> (epoch, permutation on the devices)
+        self._labels_for_seed = labels_for_seed
+        self._seed_labels = {self.seed: self._train_y}  # seed -> its training labels (replicated)
+
+    def _labels(self, seed: int) -> jax.Array:
+        if self._labels_for_seed is None:
+            return self._train_y
+        if seed not in self._seed_labels:
+            y = np.asarray(self._labels_for_seed(seed), np.int32)
+            self._seed_labels[seed] = put_global(y, self.mesh, P())
+        return self._seed_labels[seed]
 
     def train_batch(self, global_batch: int, step: int, seed: int | None = None) -> dict:
-        """The batch of ``step``; ``seed`` (default: the run's) picks order and augmentation, so
-        several seeds can share one copy of the data (``config.num_seeds``)."""
+        """The batch of ``step``; ``seed`` (default: the run's) picks order, augmentation and label
+        noise, so several seeds can share one copy of the images (``config.num_seeds``)."""
         seed = self.seed if seed is None else int(seed)
         spe = order.steps_per_epoch(self.num_train, global_batch)
         epoch, i = divmod(int(step), spe)
         if self._perms.get(seed, (None,))[0] != epoch:
             perm = order.epoch_permutation(seed, epoch, self.num_train)
             self._perms[seed] = (epoch, put_global(perm.astype(np.int32), self.mesh, P()))
-        return self._train_fn(self._train_x, self._train_y, self._perms[seed][1],
+        return self._train_fn(self._train_x, self._labels(seed), self._perms[seed][1],
                               np.uint32(seed % 2**32), np.int32(epoch), np.int32(i),
                               global_batch=global_batch)
 
