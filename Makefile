@@ -9,7 +9,7 @@ PYTHON ?= python3
 DATA_DIR ?= $(firstword $(wildcard ../shared/data))
 DEMO_DIR ?= workdirs/quickstart
 
-.PHONY: venv test test-all demo lint clean python-version
+.PHONY: venv test test-all demo study lint clean python-version
 
 python-version:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else 1)' 2>/dev/null || { \
@@ -38,6 +38,10 @@ test-all: $(STAMP) lint
 demo: $(STAMP)
 	$(PY) -m dks_jax.main --config=configs/quickstart.py --workdir=$(DEMO_DIR) \
 	  $(if $(DATA_DIR),--config.data_dir=$(DATA_DIR))
+
+# The CPU evidence study (results/cpu_study/README.md): about 5 hours on 2 cores, resumable.
+study: $(STAMP)
+	DATA_DIR=$(DATA_DIR) results/cpu_study/run.sh
 
 clean:
 	rm -rf $(VENV) workdirs

@@ -54,6 +54,7 @@ def base() -> ml_collections.ConfigDict:
     c.resize_mode = "both_sides"  # ImageNet "simple" augmentation: both_sides | shorter_side
     c.cutout = 0
     c.label_noise = 0.0
+    c.train_examples = 0  # > 0: a fixed class-balanced subset of the training split (in-memory data)
 
     # Optimisation.
     c.batch_size = 64  # global, over all devices of all hosts

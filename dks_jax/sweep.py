@@ -45,6 +45,8 @@ import io
 import json
 import logging
 import math
+import os
+import platform
 import re
 import sys
 import time
@@ -52,12 +54,19 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from dks_jax import paths
+from dks_jax import paths, xla_flags
 
 RESULT_FILE = "result.json"
 CSV_COLUMNS = ("config", "model", "dataset", "method", "label_noise", "seeds", "epochs",
                "top1_mean", "top1_std", "top5_mean", "top5_std")
 STD_DDOF = 1
+# Where a run reads and writes, not what it computes: a finished run still counts when these differ
+# (the sweep continued on another machine, with the data elsewhere).
+PLACE_FIELDS = frozenset({"data_dir", "download", "async_checkpointing", "max_to_keep",
+                          "profile_steps", "checkpoint_every_epochs", "start_over"})
+# Method pairs compared with Welch's t-test in the Markdown table (first vs second).
+COMPARISONS = (("ds", "baseline"), ("dks", "baseline"), ("dks", "ds"), ("dhm", "baseline"),
+               ("dhm", "ds"), ("dks", "dhm"))
 METHOD_NAMES = {"baseline": "baseline", "ds": "DS", "dsn": "DSN", "dks": "DKS", "dhm": "DHM",
                 "kd": "KD", "byot": "BYOT"}
 
@@ -179,7 +188,8 @@ def _finished_result(run_dir):
 def _check_same_config(run_dir, wanted: dict, saved: dict | None) -> None:
     if saved is None:
         return
-    diff = sorted(k for k in set(saved) | set(wanted) if saved.get(k) != wanted.get(k))
+    diff = sorted(k for k in set(saved) | set(wanted)
+                  if saved.get(k) != wanted.get(k) and k not in PLACE_FIELDS)
     if diff:
         changes = ", ".join(f"{k}: {saved.get(k)!r} -> {wanted.get(k)!r}" for k in diff[:8])
         raise ValueError(
@@ -192,8 +202,20 @@ def _device_info() -> dict:
     import jax
 
     devices = jax.devices()
-    return {"device": f"{len(devices)} x {devices[0].device_kind}", "platform": devices[0].platform,
-            "num_processes": jax.process_count()}
+    device = f"{len(devices)} x {devices[0].device_kind}"
+    if devices[0].platform == "cpu":  # "1 x cpu" says little: the processor and its cores
+        device = f"{_cpu_model()}, {os.cpu_count()} cores"
+    return {"device": device, "platform": devices[0].platform, "num_processes": jax.process_count()}
+
+
+def _cpu_model() -> str:
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "CPU"
 
 
 def run_sweep(configs: Sequence[str], seeds, workdir, *, overrides: Sequence[str] = (),
@@ -420,7 +442,8 @@ def _dataset_name(dataset: str) -> str:
 
 def summarise(groups: dict[str, list[RunRecord]]) -> list[dict]:
     """One row per config: the CSV columns (numbers; NaN where undefined), plus ``heads``,
-    ``wall_time_s`` (mean per run, None if unknown), ``device`` and ``command`` for the Markdown."""
+    ``values`` (``{"top1": [per run], "C2_top1": [...], ...}``), ``seed_list``, ``wall_time_s``
+    (mean per run, None if unknown), ``device`` and ``command`` for the Markdown."""
     rows = []
     for name, runs in groups.items():
         c = runs[0].config
@@ -436,13 +459,90 @@ def summarise(groups: dict[str, list[RunRecord]]) -> list[dict]:
                           if f"eval_{metric}/{head}" in r.metrics]
                 mean, std = mean_std(values)
                 row[f"{prefix}{metric}_mean"], row[f"{prefix}{metric}_std"] = mean, std
+                row.setdefault("values", {})[f"{prefix}{metric}"] = values
         walls = [r.wall_time_s for r in runs if r.wall_time_s is not None]
         row["heads"] = heads
+        row["seed_list"] = [r.config.get("seed") for r in runs]
         row["wall_time_s"] = float(np.mean(walls)) if walls else None
         row["device"] = next((r.device for r in runs if r.device), "")
         row["command"] = next((r.command for r in runs if r.command), "")
         rows.append(row)
     return rows
+
+
+def welch(a: Sequence[float], b: Sequence[float]) -> dict:
+    """Welch's two-sided t-test of mean(a) != mean(b) (unequal variances; Welch 1947).
+
+    Returns ``{"diff", "t", "dof", "p"}``: diff = mean(a) - mean(b), t = diff / sqrt(s_a^2/n_a +
+    s_b^2/n_b) with sample variances, dof by the Welch-Satterthwaite equation, p from Student's t
+    with that dof. NaN where undefined (fewer than two values on a side, or both variances zero).
+    """
+    from scipy import stats
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    diff = float(a.mean() - b.mean()) if a.size and b.size else math.nan
+    if a.size < 2 or b.size < 2:
+        return {"diff": diff, "t": math.nan, "dof": math.nan, "p": math.nan}
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    if va + vb == 0:
+        return {"diff": diff, "t": math.nan, "dof": math.nan, "p": math.nan}
+    t = diff / math.sqrt(va + vb)
+    dof = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+    return {"diff": diff, "t": float(t), "dof": float(dof), "p": float(2 * stats.t.sf(abs(t), dof))}
+
+
+def comparisons(rows: Sequence[dict], pairs=COMPARISONS) -> list[dict]:
+    """Welch's t-tests between methods of the same backbone (model, data set, label noise, epochs),
+    for the main head's top-1 and the ensemble's: ``{"backbone", "a", "b", "head", "n_a", "n_b",
+    **welch(a, b)}`` for every pair in ``pairs`` whose two methods are there."""
+    out = []
+    for key in dict.fromkeys(_backbone_key(r) for r in rows):
+        by_method = {r["method"]: r for r in rows if _backbone_key(r) == key}
+        for a, b in pairs:
+            if a not in by_method or b not in by_method:
+                continue
+            for head in ("top1", "ensemble_top1"):
+                va = by_method[a].get("values", {}).get(head)
+                vb = by_method[b].get("values", {}).get(head)
+                if head != "top1" and (not va or not vb):
+                    continue  # the baseline has no ensemble
+                out.append({"backbone": key, "a": a, "b": b, "head": head,
+                            "n_a": len(va or ()), "n_b": len(vb or ()),
+                            **welch(va or (), vb or ())})
+    return out
+
+
+def _comparisons_markdown(rows) -> list[str]:
+    tests = comparisons(rows)
+    if not tests:
+        return []
+    lines = ["", "## Comparisons", "",
+             "Welch's two-sided t-test (unequal variances) on the per-seed top-1 accuracies: "
+             "difference of the means (first minus second, percentage points), t, the "
+             "Welch-Satterthwaite degrees of freedom and p. Each comparison on its own, no "
+             "correction for multiple comparisons.", "",
+             "| Model | Data set | Label noise | Comparison | Head | Seeds | Difference | t | dof "
+             "| p |", "|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda v, spec: "-" if v is None or math.isnan(v) else format(v, spec)
+    for c in tests:
+        model, dataset, noise, _ = c["backbone"]
+        name = f"{METHOD_NAMES.get(c['a'], c['a'])} vs {METHOD_NAMES.get(c['b'], c['b'])}"
+        head = "C1" if c["head"] == "top1" else "ensemble"
+        lines.append(f"| {model} | {dataset} | {noise:g} | {name} | {head} | "
+                     f"{c['n_a']} vs {c['n_b']} | {fmt(c['diff'], '+.2f')} | {fmt(c['t'], '.2f')} "
+                     f"| {fmt(c['dof'], '.1f')} | {fmt(c['p'], '.3g')} |")
+    return lines
+
+
+def _per_seed_markdown(rows) -> list[str]:
+    lines = ["", "## Per seed", "", "Top-1 accuracy (%) of each run, in seed order.", "",
+             "| Config | Seeds | C1 top-1 | Ensemble top-1 |", "|---|---|---|---|"]
+    for row in rows:
+        shown = [", ".join(f"{v:.2f}" for v in row.get("values", {}).get(k, ())) or "-"
+                 for k in ("top1", "ensemble_top1")]
+        seeds_text = ", ".join(str(s) for s in row.get("seed_list", ()))
+        lines.append(f"| {row['config']} | {seeds_text} | {shown[0]} | {shown[1]} |")
+    return lines
 
 
 def csv_columns(rows: Sequence[dict]) -> list[str]:
@@ -527,6 +627,8 @@ def to_markdown(rows: Sequence[dict], *, title: str = "", command: str = "",
             cells += [_err(row, f"{h}_top1") for h in branch_heads]
             cells += [_duration(wall), row["config"]]
             lines.append("| " + " | ".join(cells) + " |")
+    if any(len(r.get("values", {}).get("top1", ())) > 1 for r in rows):
+        lines += _comparisons_markdown(rows) + _per_seed_markdown(rows)
     return "\n".join(lines) + "\n"
 
 
@@ -579,6 +681,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--vmap_seeds", action="store_true",
                         help="train the seeds of a config at once (config.num_seeds, one program)")
     args = parser.parse_args(argv)
+    if "jax" not in sys.modules:  # the CLI's XNNPACK convolutions, as dks_jax.main sets them
+        xla_flags.apply_cpu_defaults()
     logging.getLogger().setLevel(logging.INFO)
     command = "python -m dks_jax.sweep " + " ".join(
         argv if argv is not None else sys.argv[1:])

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from dks_jax import data
+from dks_jax import data, errors
 from dks_jax.data import noise, order, sources
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
@@ -298,6 +298,27 @@ def test_label_noise_through_both_loaders(cifar_subset):
     ev = host(next(mem.eval_iterator(200)))
     np.testing.assert_array_equal(ev["label"], mem.source.eval.labels)
     assert data.create(config(cifar_subset, loader="in_memory"), mesh).label_noise_report == {}
+
+
+def test_train_examples_is_a_fixed_balanced_subset(cifar_subset):
+    mesh = make_mesh(8)
+    full = data.create(config(cifar_subset, loader="in_memory", augment="none"), mesh)
+    sub = data.create(config(cifar_subset, loader="in_memory", augment="none",
+                             train_examples=100, label_noise=0.2, seed=3), mesh)
+    assert (sub.num_train, sub.num_eval) == (100, full.num_eval)
+    labels = np.asarray(full.source.train.labels)
+    keep = np.concatenate([np.flatnonzero(labels == k)[:10] for k in range(10)])
+    keep.sort()
+    np.testing.assert_array_equal(sub.source.train.labels, labels[keep])
+    np.testing.assert_array_equal(sub.source.train.decode_all(),
+                                  full.source.train.decode_all()[keep])
+    assert sub.label_noise_report["num_changed"] == 20
+    batch = host(next(sub.train_iterator(24)))
+    noisy = noise.label_noise(100, 10, 0.2, seed=3).apply(labels[keep])
+    np.testing.assert_array_equal(batch["label"], noisy[order.train_indices(3, 100, 24, 0)])
+    for bad, words in ((105, "multiple of the 10 classes"), (500, "has 40")):
+        with pytest.raises(errors.ConfigError, match=words):
+            data.create(config(cifar_subset, loader="in_memory", train_examples=bad), mesh)
 
 
 def test_label_noise_is_per_seed_with_several_seeds(cifar_subset):

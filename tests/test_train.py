@@ -268,8 +268,9 @@ def test_num_seeds_equals_separate_runs(cifar_subset, tmp_path):
     # Two steps on one device. This tiny net on noisy labels is chaotic: from step 3 on, a
     # difference of one rounding (1e-7, e.g. from another summation order) grows about tenfold
     # per step; a single seed-1 run on 1 vs 2 devices differs by 4e-4 after 4 steps at this
-    # learning rate, and the vmapped seed 1 from its own run by 1e-7 after 2. After two steps a real difference (another label, mask, image
-    # or initialisation) is far above the tolerance and rounding far below it.
+    # learning rate, and the vmapped seed 1 from its own run by 1e-7 after 2. After two steps a
+    # real difference (another label, mask, image or initialisation) is far above the tolerance
+    # and rounding far below it.
     mesh = parallel.create_mesh(jax.devices()[:1])
     two_steps = 2 * 16 / TRAIN_IMAGES
     config = tiny_config(cifar_subset, method="dhm", num_seeds=2, label_noise=0.5,

@@ -10,7 +10,9 @@ Config fields read (top level): ``dataset`` (TFDS name, or path to an image fold
 .tar.gz), ``data_dir``, ``train_split``, ``eval_split``, ``loader`` (``auto`` | ``in_memory`` |
 ``streaming``), ``augment`` (``cifar`` | ``imagenet_simple`` | ``imagenet_inception`` | ``none``),
 ``image_size``, ``resize_mode`` (``both_sides`` | ``shorter_side``), ``cutout`` (0 = off),
-``label_noise`` (fraction of training labels replaced by another class), ``seed``.
+``label_noise`` (fraction of training labels replaced by another class), ``train_examples``
+(> 0: train on the first ``train_examples / num_classes`` examples of every class; the noise is
+drawn on that subset), ``seed``.
 
 ``loader='auto'`` picks ``in_memory`` when the images have one fixed size equal to
 ``image_size``, the augmentation is ``cifar`` or ``none``, and both splits decoded take at most
@@ -20,6 +22,7 @@ on image folders, do not import TensorFlow.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 
@@ -177,6 +180,11 @@ def create(config, mesh, *, process_index: int | None = None,
 
     source = sources.resolve(dataset, data_dir, train_split, eval_split,
                              download=bool(_get(config, "download", True)))
+    train_examples = int(_get(config, "train_examples", 0) or 0)
+    if train_examples:
+        source = dataclasses.replace(source, train=sources.balanced_subset(
+            source.train, train_examples, source.num_classes))
+        log.info("training subset: %s", source.train.description)
     fixed = source.image_shape
     if not image_size:
         image_size = fixed[0] if fixed is not None and fixed[0] == fixed[1] else 224

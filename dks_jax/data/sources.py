@@ -158,6 +158,43 @@ class SequentialSplit:
         return f"{self.base_split}[{self.start + lo}:{self.start + hi}]"
 
 
+def balanced_subset(split, num_examples: int, num_classes: int) -> IndexedSplit:
+    """The first ``num_examples / num_classes`` examples of every class, in the split's order.
+
+    The same examples for every seed and run (a fixed, smaller training set, not a random draw),
+    kept in the split's order. ``num_examples`` must be a multiple of ``num_classes`` that every
+    class has enough examples for.
+    """
+    if not isinstance(split, IndexedSplit):
+        raise errors.ConfigError(
+            f"config.train_examples picks a subset of a split read by index; {split.description} "
+            "is streamed. Use a TFDS slice instead, e.g. --config.train_split='train[:10000]'.")
+    labels = np.asarray(split.labels)
+    per_class, extra = divmod(int(num_examples), num_classes)
+    if num_examples <= 0 or extra:
+        raise errors.ConfigError(
+            f"config.train_examples={num_examples}: give a positive multiple of the "
+            f"{num_classes} classes (the subset is class-balanced), or 0 for the whole split.")
+    counts = np.bincount(labels, minlength=num_classes)
+    if counts.min() < per_class:
+        short = int(np.argmin(counts))
+        raise errors.ConfigError(
+            f"config.train_examples={num_examples} needs {per_class} examples of each class; "
+            f"class {short} has {counts[short]} in {split.description}. Lower train_examples.")
+    rank = np.zeros(len(labels), np.int64)  # i's position among the examples of its class
+    for k in range(num_classes):
+        where = np.flatnonzero(labels == k)
+        rank[where] = np.arange(len(where))
+    keep = np.flatnonzero(rank < per_class)
+    pick = lambda seq: None if seq is None else [seq[i] for i in keep]
+    return IndexedSplit(
+        description=f"{split.description} (balanced subset of {num_examples})",
+        labels=labels[keep], keys=pick(split.keys), paths=pick(split.paths),
+        blobs=pick(split.blobs),
+        cache_key=f"{split.cache_key}[balanced:{num_examples}]" if split.cache_key else "",
+    )
+
+
 _DECODED: collections.OrderedDict[str, np.ndarray] = collections.OrderedDict()
 _DECODED_LOCK = threading.Lock()
 

@@ -98,6 +98,14 @@ def _paper(c3: tuple[int, int], c2: int) -> tuple[BranchSpec, ...]:
     )
 
 
+def _narrow(c3: tuple[int, int], c2: int) -> tuple[BranchSpec, ...]:
+    """:func:`_paper` at half the widths (DKS Table 6, "Narrow"): C2 [64] x c2, C3 [16], [32]."""
+    return (
+        BranchSpec("C2", after=1, stages=(StageSpec(c2, 64),)),
+        BranchSpec("C3", after=0, stages=(StageSpec(c3[0], 16), StageSpec(c3[1], 32))),
+    )
+
+
 # DKS ablation designs for ResNet-32 (DKS Table 3, supplement 2.1.2, Fig. 3 and Table 6). The pools
 # bring conv2_x (32x32) and conv3_x (16x16) outputs to 4x4. Fig. 3's layer widths are not legible in
 # the text; we use the GoogLeNet auxiliary classifier's (1x1 conv 128, fc 1024) that DKS cites [41].
@@ -115,10 +123,7 @@ _RESNET32_ABLATIONS = {
         BranchSpec("C3", after=0, pool=(8, 8, 0), conv=128, hidden=(1024,)),
     ),
     # Table 6, "Narrow": the original design at half the widths.
-    "narrow": (
-        BranchSpec("C2", after=1, stages=(StageSpec(5, 64),)),
-        BranchSpec("C3", after=0, stages=(StageSpec(5, 16), StageSpec(3, 32))),
-    ),
+    "narrow": _narrow((5, 3), 5),
     # Table 6, "Shallow": the original widths with fewer blocks.
     "shallow": (
         BranchSpec("C2", after=1, stages=(StageSpec(2, 128),)),
@@ -153,9 +158,23 @@ MODELS = {
         CifarResNet, _stages(1),
         # "narrow": the paper's design at half the widths (DKS Table 6), the CPU demo's branches.
         {"paper": _paper((1, 1), 1), "simple": _RESNET32_ABLATIONS["simple"],
-         "narrow": (BranchSpec("C2", after=1, stages=(StageSpec(1, 64),)),
-                    BranchSpec("C3", after=0, stages=(StageSpec(1, 16), StageSpec(1, 32))))},
+         "narrow": _narrow((1, 1), 1)},
         reference=(10, "not in the papers: He et al. 2016 6n+2 family with n=1"),
+    ),
+    # ResNet-14 and -20 (n=2, 3; ResNet-20 is in He et al. Table 6): the papers' branch rule at
+    # their depth (C2: conv4_x at 128 x n blocks; C3: [32] x n, [64] x ceil(n/2), as ResNet-32's
+    # 5 / 5, 3), and "narrow" at half the widths (DKS Table 6), the CPU study's branches.
+    "cifar_resnet14": ModelSpec(
+        CifarResNet, _stages(2),
+        {"paper": _paper((2, 1), 2), "narrow": _narrow((2, 1), 2),
+         "simple": _RESNET32_ABLATIONS["simple"]},
+        reference=(10, "not in the papers: He et al. 2016 6n+2 family with n=2"),
+    ),
+    "cifar_resnet20": ModelSpec(
+        CifarResNet, _stages(3),
+        {"paper": _paper((3, 2), 3), "narrow": _narrow((3, 2), 3),
+         "simple": _RESNET32_ABLATIONS["simple"]},
+        reference=(10, "0.27M, He et al. 2016, Table 6"),
     ),
     "cifar_resnet32": ModelSpec(
         CifarResNet, _stages(5), {"paper": _paper((5, 3), 5), **_RESNET32_ABLATIONS},

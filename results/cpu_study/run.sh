@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The CPU evidence study (protocol: README.md beside this script). Trains every run not finished
+# yet, seed by seed (seed k of every config before seed k+1), then writes the tables and curves.
+#
+#   make study                 # or: DATA_DIR=../shared/data results/cpu_study/run.sh
+#
+# Resumable: a run with runs/<config>/seed<k>/result.json is done and skipped (those files are
+# committed), an interrupted run resumes from its checkpoint (kept out of git). With COMMIT=1 each
+# finished run's small files, the tables and the curves are committed as the run lands.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+PY=${PY:-.venv/bin/python}
+DATA_DIR=${DATA_DIR:-../shared/data}
+COMMIT=${COMMIT:-0}
+STUDY=results/cpu_study
+RUNS=$STUDY/runs
+SEEDS=(0 1 2 3 4)
+# The comparison first (clean: baseline, DS, DKS; 50% label noise: baseline, DKS), then DHM.
+PHASES=("baseline ds dks baseline,0.5 dks,0.5" "dhm")
+
+all_specs() {
+  local out=() phase preset
+  for phase in "${PHASES[@]}"; do
+    for preset in $phase; do out+=("configs/cpu_study.py:$preset"); done
+  done
+  local IFS=,
+  echo "${out[*]}"
+}
+
+tables() {
+  "$PY" -m dks_jax.sweep --table_only --configs="$(all_specs)" --workdir="$RUNS" \
+    --results_dir=results --name=cpu_study > /dev/null
+  "$PY" -m dks_jax.curves --workdir="$RUNS" --out="$STUDY" > /dev/null
+}
+
+commit() {  # commit only these paths (other staged work stays staged); retry while git is busy
+  local message=$1; shift
+  git add -- "$@"
+  for _ in 1 2 3 4 5 6; do
+    if git commit --quiet -m "$message" -- "$@"; then return 0; fi
+    sleep 10
+  done
+  echo "run.sh: could not commit $*" >&2
+}
+
+mkdir -p "$RUNS"
+for phase in "${PHASES[@]}"; do
+  for seed in "${SEEDS[@]}"; do
+    for preset in $phase; do
+      name="cpu_study-${preset//,/-}"
+      run="$RUNS/$name/seed$seed"
+      [[ -f $run/result.json ]] && continue
+      echo "$(date '+%F %T') $name seed $seed: training"
+      nice -n 10 "$PY" -m dks_jax.sweep --configs="configs/cpu_study.py:$preset" --seeds="$seed" \
+        --workdir="$RUNS" --results_dir="$RUNS/.tables" --set "data_dir=$DATA_DIR" \
+        >> "$RUNS/sweep.log" 2>&1
+      [[ -f $run/result.json ]] || { echo "$name seed $seed did not finish: see $RUNS/sweep.log"; exit 1; }
+      tables
+      top1=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['metrics']['eval_top1/C1'])" "$run/result.json")
+      echo "$(date '+%F %T') $name seed $seed: C1 top-1 $top1%"
+      if [[ $COMMIT == 1 ]]; then
+        commit "cpu study: $name seed $seed, C1 top-1 $top1%" \
+          "$run/result.json" "$run/metrics.jsonl" "$run/config.json" \
+          results/cpu_study.csv results/cpu_study.md "$STUDY"/curves-*.png
+      fi
+    done
+  done
+done
+tables
+echo "$(date '+%F %T') all runs finished: results/cpu_study.md"
