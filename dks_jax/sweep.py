@@ -5,8 +5,8 @@
         --seeds=5 --workdir=workdirs/r32 [--set num_epochs=30 --set loss.beta=0.5] [--name=r32]
 
 runs every config with ``config.seed = k`` for every seed ``k`` (``--seeds=5`` is 0..4,
-``--seeds=0,3,7`` those) through ``train.train_and_evaluate`` in its own run folder
-``<workdir>/<config name>/seed<k>`` (config name: the file's stem and the preset, e.g.
+``--seeds=0,3,7`` those, ``--seeds=3-3`` seed 3 alone) through ``train.train_and_evaluate`` in its
+own run folder ``<workdir>/<config name>/seed<k>`` (config name: the file's stem and the preset, e.g.
 ``cifar100_resnet32-dks``; ``densenet40_noisy_cifar10.py:dks,0.5`` -> ``densenet40_noisy_cifar10-dks-0.5``).
 It is resumable: a finished run (``result.json`` in its folder) is not run again, an interrupted one
 resumes from its checkpoint, and a folder holding a run of another config is an error (no silent
@@ -150,11 +150,17 @@ def set_field(config, assignment: str) -> None:
 
 
 def parse_seeds(text: str | int | Sequence[int]) -> list[int]:
-    """``5`` -> ``[0, 1, 2, 3, 4]``; ``"0,3,7"`` -> ``[0, 3, 7]``."""
+    """``5`` -> ``[0, 1, 2, 3, 4]``; ``"0,3,7"`` -> ``[0, 3, 7]``; ``"2-4"`` -> ``[2, 3, 4]``
+    (``"3-3"``: seed 3 alone)."""
     if isinstance(text, int):
         return list(range(text))
     if not isinstance(text, str):
         return [int(s) for s in text]
+    if re.fullmatch(r"\s*\d+\s*-\s*\d+\s*", text):
+        lo, hi = (int(x) for x in text.split("-"))
+        if hi < lo:
+            raise ValueError(f"--seeds={text}: the range is empty.")
+        return list(range(lo, hi + 1))
     parts = [p for p in text.split(",") if p.strip()]
     if len(parts) == 1:
         n = int(parts[0])

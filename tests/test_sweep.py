@@ -27,6 +27,9 @@ def test_split_configs_keeps_commas_inside_presets():
     assert sweep.config_name("configs/cifar100_resnet32.py") == "cifar100_resnet32"
     assert sweep.parse_seeds("5") == [0, 1, 2, 3, 4]
     assert sweep.parse_seeds("0,3,7") == [0, 3, 7]
+    assert sweep.parse_seeds("2-4") == [2, 3, 4] and sweep.parse_seeds("0-0") == [0]
+    with pytest.raises(ValueError, match="at least one seed"):
+        sweep.parse_seeds("0")  # a count
 
 
 def test_load_config_with_overrides():

@@ -52,7 +52,7 @@ for phase in "${PHASES[@]}"; do
       run="$RUNS/$name/seed$seed"
       [[ -f $run/result.json ]] && continue
       echo "$(date '+%F %T') $name seed $seed: training"
-      nice -n 10 "$PY" -m dks_jax.sweep --configs="configs/cpu_study.py:$preset" --seeds="$seed" \
+      nice -n 10 "$PY" -m dks_jax.sweep --configs="configs/cpu_study.py:$preset" --seeds="$seed-$seed" \
         --workdir="$RUNS" --results_dir="$RUNS/.tables" --set "data_dir=$DATA_DIR" \
         >> "$RUNS/sweep.log" 2>&1
       [[ -f $run/result.json ]] || { echo "$name seed $seed did not finish: see $RUNS/sweep.log"; exit 1; }
