@@ -6,8 +6,13 @@ checkpoint with the best evaluation top-1), ``export/`` (the main path only, for
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
+import pathlib
+import socket
+import time
 from typing import Any
 
 import jax
@@ -186,3 +191,107 @@ def load_export(directory, target=None) -> tuple[dict, dict]:
     else:
         state = checkpointer.restore(directory / "state", target)
     return meta, state
+
+
+# ---- one run per workdir ------------------------------------------------------------------------
+
+LOCK_FILE = ".lock"
+
+
+class WorkdirLocked(errors.UserError, RuntimeError):
+    """Another run holds the workdir."""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _holder_text(holder: dict) -> str:
+    return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, since "
+            f"{holder.get('started', '?')}")
+
+
+def _read_holder(path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _create_exclusive(path, text: str) -> bool:
+    """Creates ``path`` holding ``text`` unless it exists; True if this call created it.
+
+    Local folders: the text is written to a private file that is then hard-linked to ``path``,
+    which the kernel does atomically (never a half-written lock). Other file systems (gs://): an
+    existence check, then a write (a small race window, as their lack of exclusive create allows).
+    """
+    if not paths.is_remote(str(path)):
+        path = pathlib.Path(str(path))
+        tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}")
+        tmp.write_text(text)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+    if path.exists():
+        return False
+    path.write_text(text)
+    return True
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir, *, enabled: bool = True):
+    """Holds ``<workdir>/.lock`` (host, pid, start time) while the block runs.
+
+    A second run on the same workdir stops with :class:`WorkdirLocked`, naming the holder. A lock
+    left by a process of this host that no longer exists (a crash, a kill) is stale: it is taken
+    over with a warning. A lock from another host cannot be checked from here; the message says
+    to delete it if that run is gone. ``enabled=False`` (the processes other than 0 of a
+    multi-process run) does nothing.
+    """
+    if not enabled:
+        yield
+        return
+    workdir = paths.as_path(workdir)
+    path = workdir / LOCK_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid(),
+          "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+    text = json.dumps(me)
+    for _ in range(3):
+        if _create_exclusive(path, text):
+            break
+        holder = _read_holder(path)
+        same_host = holder.get("host") == me["host"]
+        if same_host and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+            logging.warning("Taking over the stale lock %s (%s: that process no longer exists).",
+                            path, _holder_text(holder))
+            path.unlink(missing_ok=True)
+            continue
+        if not holder and not path.exists():
+            continue  # released meanwhile
+        where = "" if same_host else (
+            f" If that run is no longer running (it cannot be checked from this host), delete "
+            f"{path} and start again.")
+        raise WorkdirLocked(
+            f"{workdir} is in use by another run ({_holder_text(holder)}). Two runs in one workdir "
+            f"would overwrite each other's checkpoints and metrics: wait for it to finish or use "
+            f"another --workdir.{where}"
+        )
+    else:
+        raise WorkdirLocked(f"could not take the lock {path}; delete it if no run is using "
+                            f"{workdir}.")
+    try:
+        yield
+    finally:
+        holder = _read_holder(path)
+        if (holder.get("host"), holder.get("pid")) == (me["host"], me["pid"]):
+            path.unlink(missing_ok=True)

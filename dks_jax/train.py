@@ -342,6 +342,12 @@ def train_and_evaluate(config, workdir, *, mesh=None, stop_at_step: int | None =
         check_workdir_writable(workdir)
     else:
         workdir.mkdir(parents=True, exist_ok=True)
+    # One run per workdir: a second one stops here (process 0 holds the lock for all).
+    with checkpointing.workdir_lock(workdir, enabled=jax.process_index() == 0):
+        return _train_and_evaluate(config, workdir, mesh, stop_at_step)
+
+
+def _train_and_evaluate(config, workdir, mesh, stop_at_step) -> dict:
     mesh = mesh or parallel.create_mesh()
     parallel.check_batch_size(config.batch_size, mesh)
     eval_batch = config.eval_batch_size or config.batch_size

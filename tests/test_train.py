@@ -2,6 +2,10 @@
 
 import json
 import math
+import os
+import socket
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -206,6 +210,55 @@ def test_unknown_config_field_is_rejected():
 def test_batch_that_does_not_divide_over_devices(cifar_subset, tmp_path):
     with pytest.raises(ValueError, match="multiple of 8"):
         train.train_and_evaluate(tiny_config(cifar_subset, batch_size=12), tmp_path)
+
+
+HOLD_LOCK = """
+import sys, time
+from dks_jax import checkpointing
+with checkpointing.workdir_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_one_run_per_workdir_and_stale_lock_recovery(cifar_subset, tmp_path, caplog):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        lock = json.loads((tmp_path / checkpointing.LOCK_FILE).read_text())
+        assert lock["pid"] == holder.pid and lock["host"] == socket.gethostname()
+        with pytest.raises(checkpointing.WorkdirLocked, match=f"pid {holder.pid}"):
+            train.train_and_evaluate(tiny_config(cifar_subset), tmp_path)
+        # Stopped before touching the run: no config, metrics or checkpoints of its own.
+        assert sorted(p.name for p in tmp_path.iterdir()) == [checkpointing.LOCK_FILE]
+    finally:
+        holder.kill()  # as a crash would: the lock stays behind, its process gone
+        holder.wait(timeout=30)
+    assert (tmp_path / checkpointing.LOCK_FILE).exists()
+    with caplog.at_level("WARNING"):
+        result = train.train_and_evaluate(tiny_config(cifar_subset), tmp_path)
+    assert "stale lock" in caplog.text and "eval_top1/C1" in result
+    assert not (tmp_path / checkpointing.LOCK_FILE).exists()  # released at the end
+
+
+def test_lock_of_another_host_names_it_and_the_way_out(tmp_path):
+    lock = tmp_path / checkpointing.LOCK_FILE
+    lock.write_text(json.dumps({"host": "elsewhere-7", "pid": 1234, "started": "2026-11-01"}))
+    with pytest.raises(checkpointing.WorkdirLocked) as e:
+        with checkpointing.workdir_lock(tmp_path):
+            pytest.fail("must not enter")
+    assert "host elsewhere-7, pid 1234" in str(e.value) and f"delete {lock}" in str(e.value)
+    assert isinstance(e.value, errors.UserError) and lock.exists()
+    with checkpointing.workdir_lock(tmp_path, enabled=False):  # processes other than 0
+        pass
+    lock.unlink()
+    with checkpointing.workdir_lock(tmp_path):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with pytest.raises(checkpointing.WorkdirLocked):  # not re-entrant: one run per workdir
+            with checkpointing.workdir_lock(tmp_path):
+                pass
+    assert not lock.exists()
 
 
 def test_workdir_holds_one_experiment(cifar_subset, tmp_path, caplog):
