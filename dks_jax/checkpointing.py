@@ -108,12 +108,21 @@ class Checkpoints:
             )
         return None
 
-    def _set_aside(self, step: int) -> None:
+    def discard_from(self, step: int) -> list[int]:
+        """Moves every checkpoint of ``step`` or later to ``nonfinite-<step>`` (kept, never restored
+        again): states whose own loss or gradient was not finite. Returns the moved steps."""
+        self.wait()
+        moved = [s for s in self.all_steps() if s >= step]
+        for s in moved:
+            self._set_aside(s, "nonfinite")
+        return moved
+
+    def _set_aside(self, step: int, why: str = "corrupt") -> None:
         if jax.process_index() == 0:
             src = self.directory / str(step)
             if src.exists():
-                src.rename(self.directory / f"corrupt-{step}")
-        _barrier(f"set_aside_{step}")
+                src.rename(self.directory / f"{why}-{step}")
+        _barrier(f"set_aside_{why}_{step}")
         self._manager.reload()
 
     def wait(self) -> None:

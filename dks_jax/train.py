@@ -51,7 +51,18 @@ RESUMABLE_FIELDS = frozenset({
     "async_checkpointing", "profile_steps", "log_grad_consistency", "num_epochs", "data_dir",
     "download", "start_over", "loss.teacher_checkpoint",
 })
+# After a run stopped on a non-finite loss (``NONFINITE_FILE`` in its workdir), its next resume may
+# also change these, to continue from the last good checkpoint with a gentler optimisation.
+RESCUE_FIELDS = frozenset({
+    "learning_rate", "lr_schedule", "lr_boundaries", "lr_decay_factor", "warmup_epochs",
+    "weight_decay", "momentum", "nesterov",
+})
+NONFINITE_FILE = "nonfinite.json"
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class TrainingDiverged(errors.UserError, FloatingPointError):
+    """The loss or gradient norm became NaN or infinite."""
 
 
 # ---- set-up -------------------------------------------------------------------------------------
@@ -288,14 +299,15 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
-def experiment_changes(saved: dict, config) -> tuple[dict, dict]:
+def experiment_changes(saved: dict, config, extra_allowed=frozenset()) -> tuple[dict, dict]:
     """``(other_experiment, allowed)``: the fields whose values differ, ``{field: (saved, now)}``,
     split by :data:`RESUMABLE_FIELDS`. A field the saved config lacks (an older version wrote it)
     counts as allowed."""
     old, new = _flat(saved), _flat(_jsonable(config))
     diff = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
             if old.get(k) != new.get(k)}
-    allowed = {k: v for k, v in diff.items() if k in RESUMABLE_FIELDS or k not in old}
+    allowed = {k: v for k, v in diff.items()
+               if k in RESUMABLE_FIELDS or k in extra_allowed or k not in old}
     return {k: v for k, v in diff.items() if k not in allowed}, allowed
 
 
@@ -303,8 +315,10 @@ def _check_workdir(config, workdir, ckpts: checkpointing.Checkpoints) -> checkpo
     """Refuses a workdir holding another experiment unless ``start_over`` (then moves it aside)."""
     saved = workdir / "config.json"
     has_run = bool(ckpts.all_steps()) or (workdir / metrics.METRICS_FILE).exists()
+    diverged = workdir / NONFINITE_FILE
+    rescue = RESCUE_FIELDS if diverged.exists() and not config.start_over else frozenset()
     if has_run and saved.exists():
-        other, allowed = experiment_changes(json.loads(saved.read_text()), config)
+        other, allowed = experiment_changes(json.loads(saved.read_text()), config, rescue)
         if other and not config.start_over:
             changes = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in other.items())
             raise checkpointing.CheckpointError(
@@ -315,6 +329,12 @@ def _check_workdir(config, workdir, ckpts: checkpointing.Checkpoints) -> checkpo
         if not other:
             for k, (a, b) in allowed.items():
                 logging.warning("Resuming %s with %s changed: %r -> %r", workdir, k, a, b)
+    if diverged.exists() and jax.process_index() == 0:
+        # This resume uses the rescue allowance once; the record stays, renamed.
+        record = json.loads(diverged.read_text())
+        logging.warning("%s stopped on a non-finite loss at step %s before; resuming from its last "
+                        "good checkpoint.", workdir, record.get("step"))
+        diverged.rename(workdir / f"nonfinite-{record.get('step', 'x')}.json")
     if config.start_over and has_run:
         ckpts.close()
         moved = checkpointing.move_aside(workdir)
@@ -464,6 +484,34 @@ def _train_and_evaluate(config, workdir, mesh, stop_at_step) -> dict:
             in_flight.add(stacked, launches=2 * len(jax.tree.leaves(stacked)))
             yield stacked
 
+    def diverged(bad: int, m: dict):
+        """Stops on a non-finite loss or gradient computed on the state after ``bad`` steps.
+
+        That state and every later one are not good: their checkpoints (saved before this check)
+        move to ``checkpoints/nonfinite-<step>``, so the latest checkpoint left is one whose own
+        loss and gradient were finite, and the next run resumes there. ``nonfinite.json`` records
+        the failure and lets that resume change the optimisation (:data:`RESCUE_FIELDS`).
+        """
+        moved = ckpts.discard_from(bad)
+        good = ckpts.latest_step()
+        record = {"step": bad, "loss": np.asarray(m["loss"]).tolist(),
+                  "grad_norm": np.asarray(m["grad_norm"]).tolist(), "set_aside": moved,
+                  "resume_from": good, "learning_rate": config.learning_rate}
+        if jax.process_index() == 0:
+            (workdir / NONFINITE_FILE).write_text(json.dumps(record, indent=2))
+        where = (f"The last good checkpoint is step {good} in {ckpts.directory} (its own loss and "
+                 f"gradient were finite); running again resumes from it, and that resume may change "
+                 f"{', '.join(sorted(RESCUE_FIELDS))} (e.g. --config.learning_rate="
+                 f"{config.learning_rate / 10:g})" if good is not None else
+                 "No good checkpoint was saved: start again with a lower learning rate "
+                 "(--config.start_over=True, or another --workdir)")
+        aside = f" Checkpoints {moved} were moved to nonfinite-<step>." if moved else ""
+        raise TrainingDiverged(
+            f"Non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) computed on the "
+            f"state after {bad} steps (learning rate {config.learning_rate:g}); stopping.{aside} "
+            f"{where}. Or check the data."
+        )
+
     pending = _Pending(first_step=start_step)
     last_log = (time.time(), start_step)
 
@@ -475,14 +523,7 @@ def _train_and_evaluate(config, workdir, mesh, stop_at_step) -> dict:
         host = jax.device_get(pending.items)
         for i, m in enumerate(host):
             if not (np.all(np.isfinite(m["loss"])) and np.all(np.isfinite(m["grad_norm"]))):
-                bad = pending.first_step + i
-                last_good = ckpts.latest_step()
-                where = (f"the last good checkpoint is step {last_good} in {ckpts.directory}"
-                         if last_good is not None else "no checkpoint was saved yet")
-                raise FloatingPointError(
-                    f"Non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step "
-                    f"{bad}; stopping. {where}. Lower the learning rate or check the data."
-                )
+                diverged(pending.first_step + i, m)
         averaged = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         now = time.time()
         steps_done = step - last_log[1]

@@ -156,9 +156,34 @@ def test_kd_uses_a_teacher_export(cifar_subset, tmp_path):
     assert any("kd" in k for k in rows[-1]) and result["eval_count"] == 200
 
 
-def test_nan_stops_the_run_naming_the_step(cifar_subset, tmp_path):
-    config = tiny_config(cifar_subset, method="ds", learning_rate=1e30, num_epochs=0.4)
-    with pytest.raises(FloatingPointError, match=r"at step \d+.*checkpoint"):
+def test_divergence_names_a_good_checkpoint_and_resuming_from_it_works(cifar_subset, tmp_path):
+    one_step = 16 / TRAIN_IMAGES
+    config = tiny_config(cifar_subset, method="ds", learning_rate=1e6, num_epochs=10 * one_step,
+                         checkpoint_every_epochs=one_step, log_every_steps=1)
+    with pytest.raises(train.TrainingDiverged) as e:
+        train.train_and_evaluate(config, tmp_path)
+    assert isinstance(e.value, FloatingPointError) and isinstance(e.value, errors.UserError)
+    record = json.loads((tmp_path / train.NONFINITE_FILE).read_text())
+    bad, good = record["step"], record["resume_from"]
+    assert f"after {bad} steps" in str(e.value) and "learning rate 1e+06" in str(e.value)
+    # Every checkpoint from the failing state on is set aside; the one named is older.
+    assert good is not None and good < bad and f"checkpoint is step {good}" in str(e.value)
+    assert record["set_aside"] and min(record["set_aside"]) == bad
+    for s in record["set_aside"]:
+        assert (tmp_path / "checkpoints" / f"nonfinite-{s}").exists()
+    ck = checkpointing.Checkpoints(tmp_path, async_save=False)
+    assert ck.latest_step() == good
+    ck.close()
+    # The next run resumes there, with a sane learning rate (allowed once, and logged).
+    config.learning_rate = 0.05
+    result = train.train_and_evaluate(config, tmp_path)
+    assert math.isfinite(result["eval_top1/C1"])
+    assert (tmp_path / f"nonfinite-{bad}.json").exists()
+    lines = [r for r in metrics.read_metrics(tmp_path) if "loss" in r and r["step"] > good]
+    assert lines and all(math.isfinite(r["loss"]) for r in lines[-(10 - good):])
+    # The allowance is spent: a further change of the learning rate is refused again.
+    config.learning_rate, config.num_epochs = 0.01, 12 * one_step
+    with pytest.raises(checkpointing.CheckpointError, match="learning_rate"):
         train.train_and_evaluate(config, tmp_path)
 
 
