@@ -3,6 +3,7 @@
 import io
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -548,6 +549,49 @@ def test_mixed_image_sizes(tmp_path):
     # The ImageNet augmentations resize: mixed sizes are fine there.
     ds = data.create(config(root, augment="imagenet_simple", image_size=24), make_mesh(1))
     assert ds.loader == "streaming" and host(next(ds.train_iterator(6)))["image"].shape[1] == 24
+
+
+def test_truncated_archive_is_an_error(cifar_subset, tmp_path):
+    """A plain .tar cut at a member boundary (95% in) reads as a shorter data set unless its
+    missing end-of-archive blocks are noticed."""
+    archive = tmp_path / "subset.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(cifar_subset, arcname="subset")
+    assert sources.resolve(str(archive), None, "train", "test").eval.num_examples == 200
+    with tarfile.open(archive) as tar:
+        offsets = [m.offset for m in tar.getmembers()]
+    cut = offsets[int(len(offsets) * 0.95)]  # the header of a member: a clean member boundary
+    short = tmp_path / "short.tar"
+    short.write_bytes(archive.read_bytes()[:cut])
+    with tarfile.open(short) as tar:  # what made it silent: tarfile itself reads it without error
+        assert 0 < len(tar.getmembers()) < len(offsets)
+    with pytest.raises(sources.DataNotFoundError, match="end-of-archive blocks.*truncated"):
+        sources.resolve(str(short), None, "train", "test")
+
+
+def test_eval_split_missing_classes_is_an_error(tmp_path):
+    root = tiny_folder(tmp_path, classes=("a", "b", "c"))
+    for f in (root / "test" / "c").iterdir():
+        f.unlink()
+    with pytest.raises(sources.DataNotFoundError, match=r"test has no images of 1 of the 3 "
+                                                        r"classes of train: c\b"):
+        data.create(config(root), make_mesh(1))
+
+
+def test_short_copy_of_a_named_data_set_is_an_error(cifar_subset, tmp_path):
+    """A folder found as the copy of cifar10 must have cifar10's split sizes and classes."""
+    copy = tmp_path / "cifar10"
+    shutil.copytree(cifar_subset, copy)
+    with pytest.raises(sources.DataNotFoundError,
+                       match=r"train has 400 images, but cifar10's train split has 50,000 \(5,000 "
+                             r"per class; differing: airplane \(40\)"):
+        sources.resolve("cifar10", str(tmp_path), "train", "test")
+    shutil.rmtree(copy / "train" / "truck")
+    shutil.rmtree(copy / "test" / "truck")
+    with pytest.raises(sources.DataNotFoundError, match="cifar10, which has 10 classes, but it has 9"):
+        sources.resolve("cifar10", str(tmp_path), "train", "test")
+    # Named by its path, the same folder is a data set of its own: no sizes to match.
+    assert sources.resolve(str(copy), None, "train", "test").num_classes == 9
 
 
 def test_unreadable_image_is_an_error(tmp_path):

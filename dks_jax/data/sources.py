@@ -54,6 +54,12 @@ KNOWN_STATS = {
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
+# Split sizes and class counts of the named data sets: an image-folder copy must match them.
+KNOWN_SIZES = {
+    "cifar10": ({"train": 50_000, "test": 10_000}, 10),
+    "cifar100": ({"train": 50_000, "test": 10_000}, 100),
+    "imagenet2012": ({"train": 1_281_167, "validation": 50_000}, 1000),
+}
 # Images sampled (evenly spaced over the training split) to estimate mean/std of other folders.
 STATS_SAMPLE = 1000
 
@@ -349,6 +355,16 @@ def image_folder(path, train_split: str, eval_split: str, *, name: str | None = 
         raise ValueError(
             f"classes {unknown} of {location}/{eval_split} are not in {location}/{train_split}"
         )
+    missing = [c for c in class_names if not files[eval_split].get(c)]
+    if missing:
+        raise DataNotFoundError(
+            f"{location}/{eval_split} has no images of {len(missing)} of the {len(class_names)} "
+            f"classes of {train_split}: {_names(missing)}. An evaluation without them would "
+            "report accuracy on the other classes only: restore the missing images (a partial "
+            "copy or an interrupted download?)."
+        )
+    if name in KNOWN_SIZES:
+        _check_known_sizes(name, location, class_names, files, (train_split, eval_split))
     splits = {}
     for split in (train_split, eval_split):
         items = [(ci, key, item) for ci, c in enumerate(class_names)
@@ -386,6 +402,37 @@ def image_folder(path, train_split: str, eval_split: str, *, name: str | None = 
     )
 
 
+def _names(items, limit: int = 10) -> str:
+    items = list(items)
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _check_known_sizes(name, location, class_names, files, splits) -> None:
+    """A copy of a named data set must have its classes and, for its standard splits, its sizes."""
+    sizes, num_classes = KNOWN_SIZES[name]
+    if len(class_names) != num_classes:
+        raise DataNotFoundError(
+            f"{location} is used as {name}, which has {num_classes} classes, but it has "
+            f"{len(class_names)}. Restore the full copy, or name the folder itself as "
+            "config.dataset (then it is not taken for the named data set)."
+        )
+    for split in splits:
+        if split not in sizes:
+            continue  # another split name: a subset the user chose
+        have = sum(len(v) for v in files[split].values())
+        if have != sizes[split]:
+            per_class = {c: len(v) for c, v in files[split].items()}
+            expected = sizes[split] // num_classes
+            short = [f"{c} ({n})" for c, n in per_class.items() if n != expected]
+            raise DataNotFoundError(
+                f"{location}/{split} has {have:,} images, but {name}'s {split} split has "
+                f"{sizes[split]:,}" + (f" ({expected:,} per class; differing: {_names(short)})"
+                                       if sizes[split] % num_classes == 0 and short else "")
+                + ". The copy is incomplete: restore it, or name the folder itself as "
+                "config.dataset to use it as it is."
+            )
+
+
 def _stamp(path: pathlib.Path) -> str:
     st = path.stat()
     return f"{st.st_size}:{st.st_mtime_ns}"
@@ -418,6 +465,25 @@ _ARCHIVES: collections.OrderedDict = collections.OrderedDict()
 _read_archive_splits: dict[str, tuple[str, ...]] = {}
 
 
+class _EndCheckingTarInfo(tarfile.TarInfo):
+    """Notes how the archive ended: ``"marker"`` (the zero blocks of a complete tar), or how it
+    was cut (``tarfile`` stops silently at the end of the data after any whole member)."""
+
+    @classmethod
+    def fromtarfile(cls, tar):
+        try:
+            return super().fromtarfile(tar)
+        except tarfile.EOFHeaderError:
+            tar._end_seen = "marker"
+            raise
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError):
+            tar._end_seen = "the data ends after a member"
+            raise
+        except tarfile.InvalidHeaderError:
+            tar._end_seen = "an invalid header follows the last member"
+            raise
+
+
 def _read_archive(path: str, splits: tuple[str, ...]):
     """{split: {class: [(member name, bytes), ...] sorted by name} or None}, memoised.
 
@@ -431,7 +497,7 @@ def _read_archive(path: str, splits: tuple[str, ...]):
     found: dict[str, dict[str, list]] = {}
     all_splits = set()
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with tarfile.open(path, "r|*", tarinfo=_EndCheckingTarInfo) as tar:
             for member in tar:
                 parts = [p for p in pathlib.PurePosixPath(member.name).parts if p != "."]
                 if len(parts) >= 3:
@@ -446,8 +512,13 @@ def _read_archive(path: str, splits: tuple[str, ...]):
                 cls = found.setdefault(parts[-3], {}).setdefault(parts[-2], [])
                 if _is_image(parts[-1]):
                     cls.append((f"{path}::{member.name}", tar.extractfile(member).read()))
+            end = getattr(tar, "_end_seen", None)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise ValueError(f"cannot read the archive {path}: {e}") from e
+    if end != "marker":
+        raise DataNotFoundError(
+            f"the archive {path} ends without its end-of-archive blocks ({end}): it is truncated, "
+            "and images after the cut are missing. Copy or download it again.")
     _read_archive_splits[path] = tuple(sorted(all_splits))
     out = {s: ({c: sorted(v) for c, v in found[s].items()} if s in found else None)
            for s in splits}
