@@ -36,6 +36,10 @@ def base() -> ml_collections.ConfigDict:
     c.loss.gamma = 0.0  # DSN companion threshold
     c.loss.dsn_companion = "ce"  # ce | squared_hinge
     c.loss.dsn_zero_fraction = 1.0  # DSN: alpha reaches 0 at this fraction of training
+    c.loss.dsn_schedule = "linear"  # DSN zero-ing: linear (decays to 0) | step (drops to 0)
+    c.loss.dsn_norm = "inside"  # DSN Eq. 3: ||w||^2 inside the hinge | weight_decay (left to it)
+    c.loss.byot_alpha = 0.3  # BYOT: distillation weight (label term 1 - alpha), authors' code
+    c.loss.byot_lambda = 0.03  # BYOT: hint (feature L2) weight, authors' code
     c.loss.mimic_prob = 0.5  # DHM: probability that a branch takes part in an epoch
     c.loss.kd_weight = 1.0
     c.loss.kd_heads = (0,)  # heads taught by the teacher (KD)
@@ -125,12 +129,15 @@ def imagenet_recipe(c: ml_collections.ConfigDict, *, aggressive: bool = False):
 
 
 def with_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.ConfigDict:
-    """Sets ``method``; the plain baseline trains the backbone alone (``aux="none"``)."""
+    """Sets ``method``; the plain baseline trains the backbone alone (``aux="none"``), BYOT gets its
+    temperature 3 and KL divergence."""
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; valid: {', '.join(METHODS)}.")
     c.method = method
     if method == "baseline":
         c.aux = "none"
+    if method == "byot":  # BYOT's own setting (the authors' code): T = 3, KL
+        c.loss.temperature, c.loss.divergence = 3.0, "kl"
     return c
 
 

@@ -42,6 +42,7 @@ __all__ = [
     "deep_supervision_loss",
     "dsn_alpha_scale",
     "dsn_companion_loss",
+    "byot_feature_loss",
     "kd_loss",
     "mimicking_mask",
     "objective",
@@ -54,6 +55,7 @@ METHODS = ("baseline", "ds", "dsn", "dks", "dhm", "kd", "byot")
 _DIVERGENCES = ("ce", "kl")
 _COMPANIONS = ("ce", "squared_hinge")
 _SCHEDULE_FORMS = ("linear", "step")
+_DSN_NORMS = ("inside", "weight_decay")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,6 +304,19 @@ def synergy_loss(
     return temperature**2 * total
 
 
+def byot_feature_loss(features: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
+    """BYOT's hint terms: ``mean_b ||F_h - sg(F_1)||_2^2`` for every shallow head ``h >= 1``.
+
+    ``features[0]`` is the deepest classifier's feature (a constant target: ``stop_gradient``),
+    ``features[h]`` the shallow classifier ``h``'s feature after its bottleneck (adaptation) layer,
+    all ``[B, D]``. Returns one batch-mean squared L2 distance per shallow head.
+    """
+    fn = "byot_feature_loss"
+    feats = _check_heads(features, fn, min_heads=2)
+    target = jax.lax.stop_gradient(feats[0])
+    return tuple(jnp.mean(jnp.sum(jnp.square(f - target), axis=-1)) for f in feats[1:])
+
+
 def deep_supervision_loss(
     logits: Sequence[jax.Array], labels: jax.Array, aux_weights: Any = 1.0
 ) -> jax.Array:
@@ -342,14 +357,16 @@ def dsn_companion_loss(
     alphas: Any,
     gamma: float,
     companion: str = "ce",
+    classifier_sq_norms: Sequence[jax.Array] | None = None,
 ) -> jax.Array:
-    """DSN's companion objective: ``sum_{m >= 1} alpha_m * max(0, l_m - gamma)``.
+    """DSN's companion objective: ``sum_{m >= 1} alpha_m * max(0, ||w^(m)||^2 + l_m - gamma)``.
 
-    From Deeply-Supervised Nets (Lee et al., AISTATS 2015; papers/003):
-    ``sum_m alpha_m [||w^(m)||^2 + l(W, w^(m)) - gamma]_+`` over the hidden-layer (auxiliary)
-    classifiers. ``l_m`` is head ``m``'s batch-mean loss; the threshold ``gamma`` switches a
-    companion off once its loss is below it. The ``||w||^2`` part is left to the optimizer's
-    weight decay.
+    Deeply-Supervised Nets (Lee et al., AISTATS 2015), Eq. 3: the companion term of hidden layer
+    ``m`` is ``alpha_m [||w^(m)||^2 + l(W, w^(m)) - gamma]_+``, with ``w^(m)`` the weights of that
+    layer's companion classifier, *inside* the hinge: once a companion's regularised loss falls
+    below ``gamma`` it stops acting, norm included. ``l_m`` is head ``m``'s batch-mean loss.
+    ``classifier_sq_norms=None`` drops the norm from the hinge (the form that leaves ``||w||^2``
+    to the optimizer's weight decay: ``ObjectiveSpec(dsn_norm="weight_decay")``).
 
     Args:
       logits: the full heads tuple, ``num_heads >= 2`` arrays ``[B, K]``. Head 0 (the main
@@ -360,6 +377,8 @@ def dsn_companion_loss(
       gamma: threshold ``>= 0`` (0 = always on).
       companion: ``"ce"`` (softmax cross-entropy) or ``"squared_hinge"``: the L2-SVM loss DSN used,
         ``sum_{k != y} max(0, 1 - (z_y - z_k))**2`` per example.
+      classifier_sq_norms: ``||w^(m)||^2`` of each auxiliary head's classifier (``num_heads - 1``
+        scalars, in heads order; differentiable), or None.
 
     Returns:
       Scalar.
@@ -372,10 +391,16 @@ def dsn_companion_loss(
     if _is_concrete_number(gamma) and gamma < 0:
         raise ValueError(f"{fn}: gamma must be >= 0, got {gamma}")
     alpha_vec = _aux_weight_vector(alphas, len(heads), fn)
+    if classifier_sq_norms is not None and len(classifier_sq_norms) != len(heads) - 1:
+        raise ValueError(f"{fn}: {len(classifier_sq_norms)} classifier norms for "
+                         f"{len(heads) - 1} auxiliary heads")
     per_example = cross_entropy if companion == "ce" else _squared_hinge
     loss = 0.0
     for i, z in enumerate(heads[1:]):
-        loss = loss + alpha_vec[i] * jnp.maximum(0.0, jnp.mean(per_example(z, labels)) - gamma)
+        inside = jnp.mean(per_example(z, labels)) - gamma
+        if classifier_sq_norms is not None:
+            inside = inside + jnp.asarray(classifier_sq_norms[i], jnp.float32)
+        loss = loss + alpha_vec[i] * jnp.maximum(0.0, inside)
     return loss
 
 
@@ -499,7 +524,14 @@ class ObjectiveSpec:
       label_smoothing: applied to the CE terms (``ce/<head>``).
       gamma: DSN threshold.
       dsn_companion: ``"ce"`` or ``"squared_hinge"``.
-      dsn_zero_fraction: fraction of training at which DSN's alphas reach 0 (linear decay).
+      dsn_zero_fraction: fraction of training at which DSN's alphas reach 0.
+      dsn_schedule: DSN's zero-ing form, ``"linear"`` decay or ``"step"`` (see
+        ``dsn_alpha_scale``).
+      dsn_norm: ``"inside"`` (DSN Eq. 3: each companion classifier's ``||w||^2`` inside its hinge;
+        ``objective`` then needs ``classifier_sq_norms``) or ``"weight_decay"`` (left to the
+        optimizer).
+      byot_alpha, byot_lambda: BYOT's ``alpha`` (weight of each shallow head's distillation term;
+        its label term gets ``1 - alpha``) and ``lambda`` (weight of each hint term).
       mimic_prob: DHM's Bernoulli ``p`` for each auxiliary branch.
       kd_weight: weight of each KD term.
       kd_heads: heads that receive the teacher's soft targets (KD).
@@ -518,6 +550,10 @@ class ObjectiveSpec:
     gamma: float = 0.0
     dsn_companion: str = "ce"
     dsn_zero_fraction: float = 1.0
+    dsn_schedule: str = "linear"
+    dsn_norm: str = "inside"
+    byot_alpha: float = 0.3
+    byot_lambda: float = 0.03
     mimic_prob: float = 0.5
     kd_weight: float = 1.0
     kd_heads: tuple[int, ...] = (0,)
@@ -542,8 +578,15 @@ class ObjectiveSpec:
         if self.method in ("dks", "dhm"):
             pairs = _resolve_pairs(self.pairs, self.num_heads, fn)
             _check_weight_shape(np.shape(self.beta), len(pairs), self.num_heads, fn)
-        if self.method == "byot":
-            _check_weight_shape(np.shape(self.beta), self.num_heads - 1, self.num_heads, fn)
+        if self.dsn_schedule not in _SCHEDULE_FORMS:
+            raise ValueError(f"{fn}: unknown dsn_schedule {self.dsn_schedule!r}; expected one of "
+                             f"{_SCHEDULE_FORMS}")
+        if self.dsn_norm not in _DSN_NORMS:
+            raise ValueError(f"{fn}: unknown dsn_norm {self.dsn_norm!r}; expected one of "
+                             f"{_DSN_NORMS}")
+        if not 0.0 <= self.byot_alpha <= 1.0 or self.byot_lambda < 0:
+            raise ValueError(f"{fn}: byot_alpha must be in [0, 1] and byot_lambda >= 0, got "
+                             f"{self.byot_alpha} and {self.byot_lambda}")
         if not self.temperature > 0:
             raise ValueError(f"{fn}: temperature must be > 0, got {self.temperature}")
         if self.divergence not in _DIVERGENCES:
@@ -579,6 +622,8 @@ def objective(
     step,
     rng,
     teacher_logits: jax.Array | None = None,
+    classifier_sq_norms: Sequence[jax.Array] | None = None,
+    features: Sequence[jax.Array] | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The training loss of ``spec.method`` and every one of its terms.
 
@@ -589,10 +634,11 @@ def objective(
     - ``baseline``: ``ce/0`` (weight 1) only.
     - ``ds`` (deep supervision, DKS eq. 3): ``ce/0`` (1) and ``ce/l`` (``alpha_l``) for every
       auxiliary head ``l``.
-    - ``dsn``: ``ce/0`` (1) and ``dsn`` (1) = ``dsn_companion_loss`` with weights
-      ``alpha_l * dsn_alpha_scale(step, total_steps, dsn_zero_fraction, "linear")`` (alpha decays
-      linearly to 0 at ``dsn_zero_fraction`` of training, then stays 0), threshold ``gamma`` and
-      ``dsn_companion`` as the companion loss (without label smoothing).
+    - ``dsn`` (DSN Eq. 3): ``ce/0`` (1) and ``dsn`` (1) = ``dsn_companion_loss`` with weights
+      ``alpha_l * dsn_alpha_scale(step, total_steps, dsn_zero_fraction, dsn_schedule)`` (DSN's
+      zero-ing: alpha decays linearly, or drops at once, to 0 at ``dsn_zero_fraction`` of
+      training), threshold ``gamma``, ``dsn_companion`` as the companion loss (without label
+      smoothing) and, with ``dsn_norm="inside"``, ``classifier_sq_norms`` inside the hinge.
     - ``dks`` (DKS eq. 4): the ``ds`` terms plus ``synergy`` (1) = ``synergy_loss`` with
       ``spec.pairs``, ``beta``, ``temperature`` and ``divergence``.
     - ``dhm``: as ``dks``, with ``head_mask = mimicking_mask(fold_in(rng, epoch), num_heads,
@@ -608,10 +654,16 @@ def objective(
     - ``kd``: ``ce/0`` (1); ``ce/l`` (``alpha_l``) for the auxiliary heads when any ``alpha > 0``;
       ``kd/h`` (``kd_weight``) = ``kd_loss(logits[h], teacher_logits, temperature)`` for each ``h``
       in ``kd_heads``.
-    - ``byot`` (Be Your Own Teacher self-distillation): the ``ds`` terms (CE on every head) plus
-      ``synergy`` (1) = ``synergy_loss`` with the top-down pairs from the main head only,
-      ``((0, 1), ..., (0, num_heads - 1))``, ``beta`` (scalar, per pair or matrix), ``temperature``
-      and ``divergence``; ``spec.pairs`` is not used.
+    - ``byot`` (Be Your Own Teacher, Zhang et al., ICCV 2019, section 3, "training methods": its
+      three loss sources and their sum over the classifiers): ``ce/0`` (1) for the deepest
+      classifier, and for every shallow head ``h``: ``ce/h`` (``1 - byot_alpha``), the label
+      term; ``distill/h`` (``byot_alpha``) = ``KL(sg(softmax(z_0 / T)) || softmax(z_h / T))``,
+      the deepest classifier teaching (``T = temperature``, no ``T**2``; ``divergence="ce"``
+      gives the cross-entropy form, same gradients); ``hint/h`` (``byot_lambda``) =
+      ``byot_feature_loss``: ``||F_h - sg(F_0)||^2`` between head ``h``'s feature after its
+      bottleneck (adaptation) layer and the deepest feature, from ``features``. The authors'
+      public code's defaults are ``byot_alpha = 0.3``, ``byot_lambda = 0.03``, ``T = 3``
+      (``configs/`` BYOT presets use them). ``alpha``, ``beta`` and ``pairs`` are not used.
 
     Args:
       logits: tuple of ``spec.num_heads`` arrays ``[B, K]`` (heads order of the module docstring).
@@ -621,6 +673,11 @@ def objective(
       rng: a PRNG key; used by ``dhm`` only (may be None otherwise). It must be the *same* key at
         every step of a run (e.g. derived from the seed once): the epoch is folded in here.
       teacher_logits: ``[B, K]``, required for ``kd`` (ignored by the other methods).
+      classifier_sq_norms: ``dsn`` with ``dsn_norm="inside"``: ``||w||^2`` of each auxiliary
+        head's classifier (``num_heads - 1`` scalars).
+      features: ``byot`` with ``byot_lambda > 0``: ``num_heads`` arrays ``[B, D]``, the deepest
+        feature first, then each shallow head's adapted feature (``model(x,
+        return_features=True)`` of a model built with ``feature_adapters=True``).
 
     Returns:
       ``(loss, terms)``: scalar loss and a flat dict ``str -> scalar``.
@@ -641,7 +698,7 @@ def objective(
         return jnp.mean(cross_entropy(heads[h], labels, spec.label_smoothing))
 
     terms["ce/0"], weights["ce/0"] = ce(0), 1.0
-    aux_ce = method in ("ds", "dks", "dhm", "byot") or (
+    aux_ce = method in ("ds", "dks", "dhm") or (
         method == "kd" and num_heads > 1 and bool(np.any(np.asarray(spec.alpha) > 0))
     )
     if aux_ce:
@@ -649,9 +706,14 @@ def objective(
             terms[f"ce/{h}"], weights[f"ce/{h}"] = ce(h), alphas[h - 1]
 
     if method == "dsn":
-        scale = dsn_alpha_scale(step, spec.total_steps, spec.dsn_zero_fraction, "linear")
+        if spec.dsn_norm == "inside" and classifier_sq_norms is None:
+            raise ValueError(f"{fn}: dsn with dsn_norm='inside' needs classifier_sq_norms (the "
+                             "auxiliary classifiers' squared weight norms), or use "
+                             "dsn_norm='weight_decay'")
+        scale = dsn_alpha_scale(step, spec.total_steps, spec.dsn_zero_fraction, spec.dsn_schedule)
         terms["dsn"] = dsn_companion_loss(
-            heads, labels, alphas * scale, spec.gamma, spec.dsn_companion
+            heads, labels, alphas * scale, spec.gamma, spec.dsn_companion,
+            classifier_sq_norms if spec.dsn_norm == "inside" else None,
         )
         weights["dsn"] = 1.0
     elif method in ("dks", "dhm"):
@@ -666,9 +728,20 @@ def objective(
         )
         weights["synergy"] = 1.0
     elif method == "byot":
-        pairs = tuple((0, h) for h in range(1, num_heads))
-        terms["synergy"] = synergy_loss(heads, pairs, spec.beta, spec.temperature, spec.divergence)
-        weights["synergy"] = 1.0
+        if spec.byot_lambda > 0 and features is None:
+            raise ValueError(f"{fn}: byot needs features (deepest first, then each shallow head's "
+                             "adapted feature), or byot_lambda=0")
+        _check_temperature(spec.temperature, fn)
+        teacher = jax.lax.stop_gradient(
+            jax.nn.log_softmax(_float(heads[0]) / spec.temperature, axis=-1))
+        hints = byot_feature_loss(features) if spec.byot_lambda > 0 else None
+        for h in range(1, num_heads):
+            terms[f"ce/{h}"], weights[f"ce/{h}"] = ce(h), 1.0 - spec.byot_alpha
+            student = jax.nn.log_softmax(_float(heads[h]) / spec.temperature, axis=-1)
+            terms[f"distill/{h}"] = _soft_target_loss(teacher, student, spec.divergence)
+            weights[f"distill/{h}"] = spec.byot_alpha
+            if hints is not None:
+                terms[f"hint/{h}"], weights[f"hint/{h}"] = hints[h - 1], spec.byot_lambda
     elif method == "kd":
         if teacher_logits is None:
             raise ValueError(f"{fn}: method 'kd' needs teacher_logits [B, K]")

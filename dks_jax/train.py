@@ -118,6 +118,7 @@ def create_model(config, num_classes: int, *, aux: str | None = None, seed: int 
         num_classes,
         aux=config.aux if aux is None else aux,
         rngs=nnx.Rngs(config.seed if seed is None else seed),
+        feature_adapters=config.method == "byot" and (config.aux if aux is None else aux) != "none",
         dtype=DTYPES[config.dtype],
         branches=config.branches or None,
         bn_group_size=config.bn_group_size or None,
@@ -139,6 +140,10 @@ def objective_spec(config, num_heads: int, steps_per_epoch: int, total_steps: in
         gamma=loss.gamma,
         dsn_companion=loss.dsn_companion,
         dsn_zero_fraction=loss.dsn_zero_fraction,
+        dsn_schedule=loss.dsn_schedule,
+        dsn_norm=loss.dsn_norm,
+        byot_alpha=loss.byot_alpha,
+        byot_lambda=loss.byot_lambda,
         mimic_prob=loss.mimic_prob,
         kd_weight=loss.kd_weight,
         kd_heads=tuple(loss.kd_heads),
@@ -204,10 +209,18 @@ def make_train_step(graphdef, tx, schedule, spec, seed: int, teacher_graphdef=No
         def loss_fn(params):
             model = nnx.merge(graphdef, params, state["batch_stats"])
             rngs = nnx.Rngs(dropout=jax.random.fold_in(dropout_base, step))
-            logits = model(images, train=True, rngs=rngs)
+            extra = {}
+            if spec.method == "byot":
+                logits, extra["features"] = model(images, train=True, rngs=rngs,
+                                                  return_features=True)
+            else:
+                logits = model(images, train=True, rngs=rngs)
+            if spec.method == "dsn" and spec.dsn_norm == "inside":  # DSN Eq. 3: ||w||^2 inside
+                extra["classifier_sq_norms"] = tuple(
+                    jnp.sum(jnp.square(b.fc.kernel.get_value())) for b in model.branches)
             loss, terms = losses.objective(
                 logits, labels, spec=spec, step=step, rng=objective_key,
-                teacher_logits=teacher_logits,
+                teacher_logits=teacher_logits, **extra,
             )
             return loss, (terms, logits, _pure(nnx.state(model, nnx.BatchStat)))
 

@@ -312,6 +312,51 @@ def test_dsn_threshold_switches_companion_off():
     np.testing.assert_array_equal(g0, np.zeros((B, K)))
 
 
+def test_dsn_norm_inside_the_hinge_by_hand():
+    """DSN Eq. 3: alpha [||w||^2 + l - gamma]_+: the norm counts against the threshold, and the
+    hinge switches norm and loss off together."""
+    zs = (jnp.zeros((1, 3)), jnp.array([[2.0, 0.0, 1.5]]))  # squared hinge 0.25 (see above)
+    hinge = lambda w2, gamma: losses.dsn_companion_loss(
+        zs, jnp.array([0]), 1.0, gamma, "squared_hinge", classifier_sq_norms=(w2,))
+    np.testing.assert_allclose(hinge(jnp.float32(0.5), 0.0), 0.75, rtol=RTOL)
+    np.testing.assert_allclose(hinge(jnp.float32(0.5), 0.6), 0.15, rtol=RTOL)  # 0.75 - 0.6
+    assert float(hinge(jnp.float32(0.5), 0.8)) == 0.0  # below the threshold with the norm
+    # d/d||w||^2 is alpha while the hinge is on, 0 once off: the norm is inside, not beside it.
+    assert float(jax.grad(hinge)(jnp.float32(0.5), 0.6)) == 1.0
+    assert float(jax.grad(hinge)(jnp.float32(0.5), 0.8)) == 0.0
+    spec = losses.ObjectiveSpec("dsn", NUM_HEADS, dsn_schedule="step", dsn_zero_fraction=0.5,
+                                total_steps=100)
+    with pytest.raises(ValueError, match="classifier_sq_norms"):
+        losses.objective(make_logits(NUM_HEADS), LABELS, spec=spec, step=0, rng=None)
+    # The "step" zero-ing: full weight until 50 of 100 steps, then none.
+    zs3 = make_logits(NUM_HEADS)
+    on = losses.objective(zs3, LABELS, spec=spec, step=49, rng=None, classifier_sq_norms=NORMS)
+    off = losses.objective(zs3, LABELS, spec=spec, step=50, rng=None, classifier_sq_norms=NORMS)
+    ce = [np_ce(z, LABELS).mean() for z in zs3]
+    want = sum(float(w) + c for w, c in zip(NORMS, ce[1:], strict=True))
+    np.testing.assert_allclose(on[1]["dsn"], want, rtol=RTOL)
+    assert float(off[1]["dsn"]) == 0.0
+
+
+def test_byot_gradients_reach_the_students_only():
+    spec = SPECS["byot"]
+    zs = make_logits(NUM_HEADS)
+
+    def loss(zs, feats):
+        return losses.objective(zs, LABELS, spec=spec, step=0, rng=None, features=feats)[0]
+
+    gz, gf = jax.grad(loss, argnums=(0, 1))(zs, FEATS)
+    # The deepest classifier's logits get only its own CE gradient (softmax - onehot), its
+    # feature none: it is the teacher of the distillation and hint terms.
+    np.testing.assert_allclose(gz[0], (np_softmax(zs[0]) - np.eye(K)[np.asarray(LABELS)]) / B,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(gf[0], np.zeros_like(FEATS[0]))
+    np.testing.assert_allclose(gf[1], 0.03 * 2 * (np.asarray(FEATS[1]) - np.asarray(FEATS[0])) / B,
+                               rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="needs features"):
+        losses.objective(zs, LABELS, spec=spec, step=0, rng=None)
+
+
 def test_dsn_alpha_scale():
     steps = jnp.array([0, 25, 40, 50, 100])
     linear = jax.jit(jax.vmap(lambda s: losses.dsn_alpha_scale(s, 100, 0.5)))(steps)
@@ -479,12 +524,16 @@ SPECS = {
     "ds": losses.ObjectiveSpec("ds", NUM_HEADS, alpha=(0.5, 0.25)),
     "dsn": losses.ObjectiveSpec(
         "dsn", NUM_HEADS, alpha=0.5, gamma=0.2, dsn_zero_fraction=0.5, total_steps=100
-    ),
+    ),  # DSN Eq. 3: the classifiers' squared norms (NORMS below) inside the hinge
     "dks": losses.ObjectiveSpec("dks", NUM_HEADS, beta=0.5, pairs="top_down", temperature=2.0),
     "dhm": losses.ObjectiveSpec("dhm", NUM_HEADS, mimic_prob=0.5, steps_per_epoch=5),
     "kd": losses.ObjectiveSpec("kd", NUM_HEADS, kd_heads=(0, 2), kd_weight=0.7, temperature=4.0),
-    "byot": losses.ObjectiveSpec("byot", NUM_HEADS, beta=(0.3, 0.6), temperature=3.0),
+    "byot": losses.ObjectiveSpec("byot", NUM_HEADS, byot_alpha=0.3, byot_lambda=0.03,
+                                 temperature=3.0, divergence="kl"),
 }
+NORMS = (jnp.float32(0.15), jnp.float32(0.6))  # ||w||^2 of the two auxiliary classifiers
+FEATS = tuple(jnp.asarray(np.random.default_rng(9 + i).normal(size=(B, 6)), jnp.float32)
+              for i in range(NUM_HEADS))  # BYOT: deepest feature, then the adapted ones
 EXPECTED_KEYS = {
     "baseline": {"ce/0"},
     "ds": {"ce/0", "ce/1", "ce/2"},
@@ -492,7 +541,7 @@ EXPECTED_KEYS = {
     "dks": {"ce/0", "ce/1", "ce/2", "synergy"},
     "dhm": {"ce/0", "ce/1", "ce/2", "synergy"},
     "kd": {"ce/0", "ce/1", "ce/2", "kd/0", "kd/2"},
-    "byot": {"ce/0", "ce/1", "ce/2", "synergy"},
+    "byot": {"ce/0", "ce/1", "ce/2", "distill/1", "distill/2", "hint/1", "hint/2"},
 }
 objective_jit = jax.jit(losses.objective, static_argnames="spec")
 
@@ -504,14 +553,21 @@ def hand_terms(method, zs, teacher, step):
         return {"ce/0": (np_ce(zs[0], LABELS, 0.1).mean(), 1.0)}
     if method == "dsn":
         scale = max(0.0, 1.0 - step / 50.0)
-        dsn = sum(0.5 * scale * max(0.0, c - 0.2) for c in ce[1:])
+        dsn = sum(0.5 * scale * max(0.0, float(w) + c - 0.2)
+                  for w, c in zip(NORMS, ce[1:], strict=True))
         return {"ce/0": (ce[0], 1.0), "dsn": (dsn, 1.0)}
+    if method == "byot":  # (1 - a) CE, a KL(teacher || student) at T = 3, lambda ||F_h - F_0||^2
+        feats = [np.asarray(f, np.float64) for f in FEATS]
+        terms = {"ce/0": (ce[0], 1.0)}
+        for h in (1, 2):
+            terms[f"ce/{h}"] = (ce[h], 0.7)
+            terms[f"distill/{h}"] = (np_soft(zs[0], zs[h], 3.0, "kl"), 0.3)
+            terms[f"hint/{h}"] = (((feats[h] - feats[0]) ** 2).sum(-1).mean(), 0.03)
+        return terms
     alphas = {"ds": (0.5, 0.25)}.get(method, (1.0, 1.0))
     terms = {"ce/0": (ce[0], 1.0), "ce/1": (ce[1], alphas[0]), "ce/2": (ce[2], alphas[1])}
     if method == "dks":
         terms["synergy"] = (np_synergy(zs, PAIRS[(3, "top_down")], [0.5] * 3, 2.0), 1.0)
-    if method == "byot":
-        terms["synergy"] = (np_synergy(zs, ((0, 1), (0, 2)), [0.3, 0.6], 3.0), 1.0)
     if method == "kd":
         for h in (0, 2):
             terms[f"kd/{h}"] = (16.0 * np_soft(teacher, zs[h], 4.0, "kl"), 0.7)
@@ -526,7 +582,8 @@ def test_objective_every_method(method):
     rng = jax.random.key(42)
     for step in (0, 30):
         loss, terms = objective_jit(
-            zs, LABELS, spec=spec, step=jnp.int32(step), rng=rng, teacher_logits=teacher
+            zs, LABELS, spec=spec, step=jnp.int32(step), rng=rng, teacher_logits=teacher,
+            classifier_sq_norms=NORMS, features=FEATS,
         )
         assert set(terms) == EXPECTED_KEYS[method]
         assert np.isfinite(float(loss)) and all(np.isfinite(float(v)) for v in terms.values())
@@ -544,7 +601,8 @@ def test_objective_traces_once_across_steps():
 
     def step_loss(zs, step, spec):
         traces.append(step)
-        return losses.objective(zs, LABELS, spec=spec, step=step, rng=jax.random.key(0))
+        return losses.objective(zs, LABELS, spec=spec, step=step, rng=jax.random.key(0),
+                                classifier_sq_norms=NORMS)
 
     jitted = jax.jit(step_loss, static_argnames="spec")
     zs = make_logits(NUM_HEADS)
@@ -560,7 +618,8 @@ def test_objective_dsn_zeroing():
     spec = SPECS["dsn"]  # alpha reaches 0 at step 50 of 100
     zs = make_logits(NUM_HEADS)
     for step in (50, 99):
-        loss, terms = objective_jit(zs, LABELS, spec=spec, step=step, rng=None)
+        loss, terms = objective_jit(zs, LABELS, spec=spec, step=step, rng=None,
+                                    classifier_sq_norms=NORMS)
         assert float(terms["dsn"]) == 0.0
         np.testing.assert_allclose(loss, terms["ce/0"], rtol=RTOL)
 

@@ -285,6 +285,23 @@ def test_same_seed_same_main_path_whatever_the_branches():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_feature_adapters_for_byot():
+    """BYOT's adaptation layers live in the branches: the logits and the exported main path are
+    those of the model without them; the features come back at the main path's width."""
+    plain = models.create("cifar_resnet8", 10, rngs=nnx.Rngs(3))
+    byot = models.create("cifar_resnet8", 10, rngs=nnx.Rngs(3), feature_adapters=True)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    logits, feats = byot(x, return_features=True)
+    for a, b in zip(logits, plain(x), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+    assert [f.shape for f in feats] == [(2, 64)] * 3  # ResNet-8's 64 channels, 3 heads
+    for a, b in zip(jax.tree.leaves(models.export_state(byot)),
+                    jax.tree.leaves(models.export_state(plain)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="feature_adapters"):
+        plain(x, return_features=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # BatchNorm.
 

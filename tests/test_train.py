@@ -73,7 +73,11 @@ def test_every_method_trains_end_to_end(cifar_subset, tmp_path, method):
     for key in ("lr", "grad_norm", "param_norm", "images_per_sec", "eta_min", "train_top1/C1"):
         assert key in train_rows[-1]
     assert any(k.startswith("loss/") for k in train_rows[-1])
+    if method == "byot":  # all three of its terms, through the branches' adaptation layers
+        assert {"loss/ce/1", "loss/distill/1", "loss/hint/1", "loss/hint/2"} <= set(train_rows[-1])
     assert (tmp_path / "export" / checkpointing.EXPORT_META).exists()
+    exported = train.load_exported_model(tmp_path / "export")[0]  # the main path alone
+    assert exported.num_heads == 1
     assert (tmp_path / "config.json").exists()
 
 

@@ -105,9 +105,14 @@ def create(
     dtype=jnp.float32,
     branches: str | Sequence[str] | None = None,
     bn_group_size: int | None = None,
+    feature_adapters: bool = False,
     **overrides,
 ) -> Network:
-    """Builds registry model ``name`` with ``num_classes`` outputs per head (see module doc)."""
+    """Builds registry model ``name`` with ``num_classes`` outputs per head (see module doc).
+
+    ``feature_adapters``: every branch also gets BYOT's adaptation layer (its classifier input ->
+    the main path's feature width), and ``model(x, return_features=True)`` returns the features.
+    """
     entry = spec(name)
     selected = _select(name, aux, branches)
     options = {**entry.options, **overrides}
@@ -117,7 +122,8 @@ def create(
         raise TypeError(f"{name}: bad option in {sorted(overrides)}: {e}") from None
     cfg = layers.LayerConfig(dtype=dtype, bn_group_size=bn_group_size)
     keys = layers.KeySeq(rngs.params())
-    return Network(family, entry.stages, selected, num_classes, cfg=cfg, rngs=keys)
+    return Network(family, entry.stages, selected, num_classes, cfg=cfg, rngs=keys,
+                   feature_adapters=feature_adapters)
 
 
 def _main_and_branches(state: nnx.State) -> tuple[nnx.State, nnx.State]:

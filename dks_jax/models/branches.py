@@ -147,6 +147,9 @@ class Branch(nnx.Module):
             self.hidden.append(layers.Linear(features, width, dtype=cfg.dtype, rngs=rngs))
             features = width
         self.fc = layers.Linear(features, num_classes, dtype=cfg.dtype, rngs=rngs)
+        # BYOT's adaptation ("bottleneck") layer, set by Network(feature_adapters=True): the
+        # classifier's input feature -> the main path's width, for losses.byot_feature_loss.
+        self.adapter = nnx.data(None)
 
     def features(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None,
                  every_block: bool = False):
@@ -164,7 +167,9 @@ class Branch(nnx.Module):
                 x = run_stage(stage, x, train=train, rngs=rngs)
         return maps if every_block else x
 
-    def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None) -> jax.Array:
+    def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None,
+                 return_feature: bool = False):
+        """Logits ``[B, K]``; with ``return_feature``, ``(logits, adapted feature [B, D])``."""
         x = self.features(x, train=train, rngs=rngs)
         if self.pool is None:
             if self.norm is not None:
@@ -182,4 +187,8 @@ class Branch(nnx.Module):
             x = x.reshape(x.shape[0], -1)
         for fc in self.hidden:
             x = jax.nn.relu(fc(x))
+        if return_feature:
+            if self.adapter is None:
+                raise ValueError("return_feature needs a model built with feature_adapters=True")
+            return self.fc(x), self.adapter(x)
         return self.fc(x)

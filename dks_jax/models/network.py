@@ -52,6 +52,7 @@ class Network(nnx.Module):
         *,
         cfg: layers.LayerConfig,
         rngs: nnx.Rngs,
+        feature_adapters: bool = False,
     ):
         self.dtype = cfg.dtype
         self.num_classes = num_classes
@@ -79,6 +80,10 @@ class Network(nnx.Module):
             self.branches.append(
                 Branch(family, spec, channels[tap], num_classes, cfg=cfg, rngs=rngs)
             )
+        if feature_adapters:  # after every branch: the branches' initialisation stays the same
+            for branch in self.branches:
+                branch.adapter = layers.Linear(branch.fc.in_features, ch, dtype=cfg.dtype,
+                                               rngs=rngs)
         self.taps = tuple(taps)
         self.head_names = ("C1",) + tuple(spec.name for spec in branches)
 
@@ -140,13 +145,28 @@ class Network(nnx.Module):
         train: bool = False,
         rngs: nnx.Rngs | None = None,
         offsets: Mapping[tuple[int, int], jax.Array] | None = None,
-    ) -> tuple[jax.Array, ...]:
-        """``offsets``: see :meth:`features`."""
+        return_features: bool = False,
+    ):
+        """``offsets``: see :meth:`features`.
+
+        ``return_features`` (a model built with ``feature_adapters=True``, for BYOT's hint terms):
+        ``(logits, features)``, ``features`` the main path's pooled feature ``[B, D]`` and every
+        branch's classifier input through its adaptation layer, also ``[B, D]`` (float32).
+        """
         x, tapped = self.features(x, train=train, rngs=rngs, offsets=offsets)
         if self.head_norm is not None:
             x = self.head_norm(x, train=train)
-        logits = [self.fc(layers.global_avg_pool(x))]
+        pooled = layers.global_avg_pool(x)
+        logits, feats = [self.fc(pooled)], [pooled]
         for i, (tap, branch) in enumerate(zip(self.taps, self.branches, strict=True)):
             with layers.mac_scope(f"branches/{i}"):
-                logits.append(branch(tapped[tap], train=train, rngs=rngs))
-        return tuple(z.astype(jnp.float32) for z in logits)
+                out = branch(tapped[tap], train=train, rngs=rngs, return_feature=return_features)
+            if return_features:
+                logits.append(out[0])
+                feats.append(out[1])
+            else:
+                logits.append(out)
+        logits = tuple(z.astype(jnp.float32) for z in logits)
+        if return_features:
+            return logits, tuple(f.astype(jnp.float32) for f in feats)
+        return logits
