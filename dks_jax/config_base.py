@@ -18,6 +18,7 @@ def base() -> ml_collections.ConfigDict:
     c.model = "cifar_resnet32"
     c.aux = "paper"  # paper | none | simple | ap_2fc | ap_conv_2fc | narrow | shallow
     c.branches = ""  # active classifiers by DKS name, e.g. "C1C2C3"; "" = the design's default set
+    c.branch_alone = ""  # e.g. "C2": train that branch of `aux` alone as one network (DKS Table 5)
     c.num_classes = 0  # 0 = the data set's number of classes
     c.dropout = 0.0  # WRN only (0.3 in the papers' strong-regularisation rows)
     c.zero_init_residual = False

@@ -108,6 +108,8 @@ def check_workdir_writable(workdir) -> None:
 
 
 def create_model(config, num_classes: int, *, aux: str | None = None, seed: int | None = None):
+    """The config's model; ``aux`` overrides ``config.aux`` (and then no branch is trained alone),
+    ``seed`` ``config.seed``."""
     kwargs = {}
     if config.dropout:
         kwargs["dropout"] = config.dropout
@@ -119,6 +121,7 @@ def create_model(config, num_classes: int, *, aux: str | None = None, seed: int 
         aux=config.aux if aux is None else aux,
         rngs=nnx.Rngs(config.seed if seed is None else seed),
         feature_adapters=config.method == "byot" and (config.aux if aux is None else aux) != "none",
+        alone=config.branch_alone if aux is None else "",
         dtype=DTYPES[config.dtype],
         branches=config.branches or None,
         bn_group_size=config.bn_group_size or None,
@@ -621,11 +624,14 @@ def export(graphdef, state, directory, config, num_classes: int) -> None:
     main = _pure(models.export_state(model))
     meta = {"model": config.model, "num_classes": num_classes, "dataset": config.dataset,
             "image_size": config.image_size, "method": config.method}
+    if config.branch_alone:  # the exported network is that branch's (DKS Table 5)
+        meta.update(aux=config.aux, alone=config.branch_alone)
     checkpointing.save_export(directory, main, meta)
 
 
 def load_exported_model(directory, *, dtype=jnp.float32):
-    """An ``aux="none"`` model holding an export's parameters: for inference and as a KD teacher."""
+    """An ``aux="none"`` model (or, for a branch trained alone, that network) holding an export's
+    parameters: for inference and as a KD teacher."""
     directory = paths.as_path(directory)
     meta_path = directory / checkpointing.EXPORT_META
     if not meta_path.exists():
@@ -634,8 +640,9 @@ def load_exported_model(directory, *, dtype=jnp.float32):
             "to the export/ folder of a finished run."
         )
     meta = json.loads(meta_path.read_text())
-    model = models.create(meta["model"], meta["num_classes"], aux="none", rngs=nnx.Rngs(0),
-                          dtype=dtype)
+    shape = {"aux": meta["aux"], "alone": meta["alone"]} if meta.get("alone") else {"aux": "none"}
+    model = models.create(meta["model"], meta["num_classes"], rngs=nnx.Rngs(0), dtype=dtype,
+                          **shape)
     graphdef, tstate = nnx.split(model)
     _, pure = checkpointing.load_export(directory, target=jax.tree.map(np.asarray, _pure(tstate)))
     return nnx.merge(graphdef, pure), meta

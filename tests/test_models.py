@@ -285,6 +285,28 @@ def test_same_seed_same_main_path_whatever_the_branches():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.parametrize("branch", ["C2", "C3"])
+def test_branch_alone_is_the_main_path_to_its_fork_then_the_branch(branch):
+    """DKS Table 5's separately trained branch: one head, and exactly the parameters of the main
+    path's stem and stages up to the fork plus those of the branch."""
+    alone = models.create("cifar_resnet32", 100, alone=branch, rngs=nnx.Rngs(0))
+    assert alone.num_heads == 1
+    c = models.complexity("cifar_resnet32", 100, aux="paper")
+    branch_params = next(b["params"] for b in c["branches"] if b["name"] == branch)
+    full = models.create("cifar_resnet32", 100, aux="none", rngs=nnx.Rngs(0))
+    fork = {"C2": 1, "C3": 0}[branch]  # C2 forks after conv3_x, C3 after conv2_x
+    trunk = sum(x.size for x in jax.tree.leaves(nnx.state(full.stem, nnx.Param)))
+    trunk += sum(x.size for i in range(fork + 1)
+                 for x in jax.tree.leaves(nnx.state(full.stages[i], nnx.Param)))
+    count = sum(x.size for x in jax.tree.leaves(nnx.state(alone, nnx.Param)))
+    assert count == trunk + branch_params
+    assert alone(jnp.zeros((2, 32, 32, 3)))[0].shape == (2, 100)
+    with pytest.raises(ValueError, match="no 'C4'"):
+        models.create("cifar_resnet32", 100, alone="C4", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="cannot be trained alone"):
+        models.create("cifar_resnet32", 100, aux="simple", alone=branch, rngs=nnx.Rngs(0))
+
+
 def test_feature_adapters_for_byot():
     """BYOT's adaptation layers live in the branches: the logits and the exported main path are
     those of the model without them; the features come back at the main path's width."""

@@ -11,8 +11,9 @@ import jax
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
-from dks_jax import checkpointing, config_base, errors, metrics, parallel, train
+from dks_jax import checkpointing, config_base, errors, metrics, models, parallel, train
 
 TINY = dict(model="cifar_resnet8")
 TRAIN_IMAGES = 400  # the cifar_subset fixture: 40 per class
@@ -79,6 +80,16 @@ def test_every_method_trains_end_to_end(cifar_subset, tmp_path, method):
     exported = train.load_exported_model(tmp_path / "export")[0]  # the main path alone
     assert exported.num_heads == 1
     assert (tmp_path / "config.json").exists()
+
+
+def test_a_branch_trained_alone_exports_its_own_network(cifar_subset, tmp_path):
+    config = tiny_config(cifar_subset, method="baseline", aux="paper", branch_alone="C3")
+    result = train.train_and_evaluate(config, tmp_path)
+    assert "eval_top1/C1" in result and "eval_top1/C2" not in result  # one head: the branch's
+    model, meta = train.load_exported_model(tmp_path / "export")
+    assert meta["alone"] == "C3" and model.num_heads == 1
+    ref = models.create(TINY["model"], 10, alone="C3", rngs=nnx.Rngs(0))
+    assert model.stages[-1][0].conv1.kernel.shape == ref.stages[-1][0].conv1.kernel.shape
 
 
 def test_loss_falls_on_real_images(cifar_subset, tmp_path):

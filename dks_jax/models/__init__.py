@@ -106,14 +106,26 @@ def create(
     branches: str | Sequence[str] | None = None,
     bn_group_size: int | None = None,
     feature_adapters: bool = False,
+    alone: str = "",
     **overrides,
 ) -> Network:
     """Builds registry model ``name`` with ``num_classes`` outputs per head (see module doc).
 
     ``feature_adapters``: every branch also gets BYOT's adaptation layer (its classifier input ->
     the main path's feature width), and ``model(x, return_features=True)`` returns the features.
+    ``alone``: a branch name of design ``aux`` (e.g. ``"C2"``): the network that branch is on its
+    own (DKS Table 5), the main path's stem and stages up to the branch's fork followed by the
+    branch's stages and classifier, as one single-head network (no other branch).
     """
     entry = spec(name)
+    if alone:
+        stages = _alone_stages(name, aux, alone)
+        if branches:
+            raise ValueError(f"branches={branches!r} given with alone={alone!r}")
+        family = entry.family(**{**entry.options, **overrides})
+        cfg = layers.LayerConfig(dtype=dtype, bn_group_size=bn_group_size)
+        return Network(family, stages, (), num_classes, cfg=cfg,
+                       rngs=layers.KeySeq(rngs.params()))
     selected = _select(name, aux, branches)
     options = {**entry.options, **overrides}
     try:
@@ -124,6 +136,22 @@ def create(
     keys = layers.KeySeq(rngs.params())
     return Network(family, entry.stages, selected, num_classes, cfg=cfg, rngs=keys,
                    feature_adapters=feature_adapters)
+
+
+def _alone_stages(name: str, aux: str, alone: str) -> tuple:
+    """Main stages up to the fork of branch ``alone``, then that branch's stages."""
+    entry = spec(name)
+    if aux not in entry.aux:
+        raise ValueError(f"{name} has no aux={aux!r}; choose from {aux_designs(name)}")
+    branch = next((b for b in entry.aux[aux] if b.name == alone.upper()), None)
+    if branch is None:
+        raise ValueError(f"{name} aux={aux!r} has branches "
+                         f"{[b.name for b in entry.aux[aux]]}; no {alone!r}")
+    if branch.pool is not None or not isinstance(branch.after, int) or not branch.stages:
+        raise ValueError(f"{name} aux={aux!r} branch {branch.name} is not a continuation of the "
+                         "main path's stages (it pools, or forks inside a stage): it cannot be "
+                         "trained alone as one network")
+    return tuple(entry.stages[: branch.after + 1]) + tuple(branch.stages)
 
 
 def _main_and_branches(state: nnx.State) -> tuple[nnx.State, nnx.State]:
