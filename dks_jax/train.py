@@ -87,6 +87,15 @@ def validate_config(config) -> None:
         raise errors.ConfigError("config.method='kd' needs --config.loss.teacher_checkpoint=<export folder>.")
     if config.num_seeds < 0:
         raise errors.ConfigError("config.num_seeds must be >= 0 (0 or 1: one run).")
+    for field, valid in (("dsn_norm", ("inside", "weight_decay")), ("dsn_schedule", ("linear", "step")),
+                         ("divergence", ("ce", "kl"))):
+        if config.loss[field] not in valid:
+            raise errors.ConfigError(
+                f"Unknown config.loss.{field}={config.loss[field]!r}; valid: {', '.join(valid)}.")
+    if config.branch_alone and config.method not in ("baseline", "kd"):
+        raise errors.ConfigError(
+            f"config.branch_alone={config.branch_alone!r} trains one branch as a single-head network: "
+            f"use method 'baseline' (or 'kd'), not {config.method!r}.")
     for field in ("num_epochs", "batch_size", "learning_rate"):
         value = config[field]
         if not (math.isfinite(value) and value > 0):

@@ -209,6 +209,8 @@ def test_divergence_names_a_good_checkpoint_and_resuming_from_it_works(cifar_sub
     ("model", "resnet9000", "Unknown config.model.*cifar_resnet32"),
     ("method", "magic", "Unknown config.method.*dks"),
     ("dtype", "float8", "Unknown config.dtype"),
+    ("loss.dsn_norm", "outside", "Unknown config.loss.dsn_norm.*weight_decay"),
+    ("branch_alone", "C2", "branch_alone='C2'.*baseline"),
 ])
 def test_unknown_names_list_the_valid_ones(cifar_subset, tmp_path, field, value, match):
     with pytest.raises(ValueError, match=match):
