@@ -53,7 +53,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from dks_jax import config_base, models, optim, parallel, train  # noqa: E402
+from dks_jax import config_base, models, optim, parallel, seeds, train  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 DEFAULT_OUTPUT = "benchmarks/results"
@@ -144,6 +144,7 @@ class Options:
     bn_group_size: int = 0
     num_devices: int = 0
     seed: int = 0
+    num_seeds: int = 1  # > 1: that many seeds in one vmapped step (config.num_seeds), each a batch
 
     def resolved(self) -> Options:
         """A copy with the defaults that depend on the model filled in, validated."""
@@ -154,6 +155,8 @@ class Options:
             raise ValueError(f"method {self.method!r} cannot be benchmarked; valid: {valid}")
         if self.dtype not in train.DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(train.DTYPES)}")
+        if self.num_seeds < 1:
+            raise ValueError(f"num_seeds must be at least 1, got {self.num_seeds}")
         if self.steps < 1 or self.warmup < 1 or self.num_batches < 1:
             raise ValueError("steps, warmup and num_batches must be at least 1 (the first warm-up "
                              "step absorbs one-off costs)")
@@ -186,14 +189,15 @@ def build_config(options: Options):
 
 def synthetic_batches(options: Options, mesh) -> list[dict]:
     """``num_batches`` batches of normal float32 images and uniform labels, made on the devices."""
-    sharding = parallel.batch_sharded(mesh)
-    shape = (options.batch_size, options.image_size, options.image_size, 3)
+    lead = (options.num_seeds,) if options.num_seeds > 1 else ()  # one batch per seed
+    sharding = (seeds.stacked_batch_sharding(mesh) if lead else parallel.batch_sharded(mesh))
+    shape = (*lead, options.batch_size, options.image_size, options.image_size, 3)
 
     def make(key):
         k1, k2 = jax.random.split(key)
         return {
             "image": jax.random.normal(k1, shape, jnp.float32),
-            "label": jax.random.randint(k2, (options.batch_size,), 0, options.num_classes,
+            "label": jax.random.randint(k2, (*lead, options.batch_size), 0, options.num_classes,
                                         jnp.int32),
         }
 
@@ -253,6 +257,11 @@ def measure_jax(options: Options) -> dict:
     num_params = int(sum(x.size for x in jax.tree.leaves(state["params"])))
     spec = train.objective_spec(config, num_heads, STEPS_PER_EPOCH, total_steps)
     step_fn = train.make_train_step(graphdef, tx, schedule, spec, o.seed)
+    if o.num_seeds > 1:  # the vmapped program of config.num_seeds (dks_jax.seeds)
+        seed_list = [o.seed + i for i in range(o.num_seeds)]
+        graphdef, state = seeds.init_states(config, o.num_classes, seed_list, tx)
+        step_fn = seeds.vmap_seeded_step(
+            lambda k: train.make_train_step(graphdef, tx, schedule, spec, k), seed_list)
     state = parallel.replicate(state, mesh)
     batches = synthetic_batches(o, mesh)
     jax.block_until_ready((state, batches))
@@ -269,7 +278,7 @@ def measure_jax(options: Options) -> dict:
         state, metrics = compiled(state, batches[i % o.num_batches])
         in_flight.add(metrics)
     jax.block_until_ready((state, metrics))
-    loss = float(metrics["loss"])
+    loss = float(np.mean(metrics["loss"]))
     if not math.isfinite(loss):
         raise FloatingPointError(f"non-finite loss {loss} during warm-up")
 
@@ -287,15 +296,16 @@ def measure_jax(options: Options) -> dict:
         in_flight.add(metrics)
     jax.block_until_ready((state, metrics))
     pipelined = (time.perf_counter() - start) / o.steps
-    final_loss = float(metrics["loss"])
+    final_loss = float(np.mean(metrics["loss"]))
 
     step_s = statistics.median(times)
+    seen = o.batch_size * o.num_seeds  # images per step, over all seeds
     comp = models.complexity(o.model, o.num_classes, image_size=o.image_size, aux=o.aux,
                              branches=o.branches or None)
     macs = int(comp["total"]["macs"])
     kind = devices[0].device_kind
     ref_peak, sheet_peak, peak_source = peak_flops(kind, o.dtype)
-    images_per_sec = o.batch_size / step_s
+    images_per_sec = seen / step_s
     result = {
         "device": kind,
         "platform": devices[0].platform,
@@ -318,7 +328,8 @@ def measure_jax(options: Options) -> dict:
         "step_ms_min": 1e3 * min(times),
         "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
         "pipelined_step_ms": 1e3 * pipelined,
-        "pipelined_images_per_sec": o.batch_size / pipelined,
+        "pipelined_images_per_sec": seen / pipelined,
+        "num_seeds": o.num_seeds,
         "lower_s": t1 - t0,
         "compile_s": t2 - t0,
         "peak_memory_bytes": _memory_peak(devices),
@@ -523,6 +534,8 @@ def define_flags(flag_values=None):
     flags.DEFINE_integer("bn_group_size", d.bn_group_size, "BatchNorm group; 0 = whole batch.",
                          **kw)
     flags.DEFINE_integer("num_devices", d.num_devices, "Devices of the mesh; 0 = all.", **kw)
+    flags.DEFINE_integer("num_seeds", d.num_seeds, "Seeds trained at once (vmapped step, one "
+                         "batch each; images/s counts every seed's images).", **kw)
     flags.DEFINE_integer("seed", d.seed, "Seed of the parameters and the synthetic data.", **kw)
     flags.DEFINE_string("output", DEFAULT_OUTPUT, "Folder for a new record, or a .json path; "
                         "'' writes none.", **kw)
@@ -547,6 +560,9 @@ def run(options: Options, *, command: str, output: str | None = DEFAULT_OUTPUT,
     """Measures (PyTorch first when asked), writes the record unless ``output`` is empty."""
     options = options.resolved()
     torch_result = None
+    if compare_torch and options.num_seeds > 1:
+        raise ValueError("--compare_torch times one seed (the PyTorch reference has no vmapped "
+                         "seeds): use it with --num_seeds=1")
     if compare_torch:
         torch_result = measure_torch(options, python=torch_python, compile_mode=torch_compile,
                                      timeout=torch_timeout)

@@ -89,6 +89,20 @@ def test_options_defaults_and_validation():
         benchmark.Options(steps=0).resolved()
 
 
+@pytest.mark.slow  # two compilations, over 30 s on 2 cores: `make test-all`
+def test_vmapped_seeds_are_timed_as_one_step_over_every_seed():
+    """--num_seeds=S times config.num_seeds' vmapped step: S batches per step, all counted."""
+    o = benchmark.Options(model="cifar_resnet8", method="baseline", batch_size=8,
+                          dtype="float32", steps=2, warmup=1, num_seeds=2, num_devices=1)
+    r = benchmark.measure_jax(o)
+    assert r["num_seeds"] == 2 and math.isfinite(r["loss_last"])
+    assert r["images_per_sec"] == pytest.approx(2 * 8 / (r["step_ms"] / 1e3))
+    with pytest.raises(ValueError, match="num_seeds=1"):
+        benchmark.run(o, command="x", output="", compare_torch=True)
+    with pytest.raises(ValueError, match="num_seeds must be at least 1"):
+        benchmark.Options(num_seeds=0).resolved()
+
+
 def test_peak_table_and_mfu_by_hand():
     assert benchmark.peak_flops("NVIDIA H100 80GB HBM3", "bfloat16")[:2] == (790e12, 989.4e12)
     assert benchmark.peak_flops("NVIDIA H200", "bfloat16")[0] == 790e12
