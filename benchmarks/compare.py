@@ -1,4 +1,4 @@
-"""The issue 6 comparison in one command: JAX and PyTorch, the same sizes, the same device.
+"""The speed comparison in one command: JAX and PyTorch, the same sizes, the same device.
 
     python benchmarks/compare.py                              # every case below
     python benchmarks/compare.py --cases resnet18_baseline,resnet18_dks --steps 50
@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE))
 
 import make_table  # noqa: E402
 
-# name -> benchmark flags. ImageNet cases: batch 256, 224 px, bf16 (issue 6); the torch comparison
+# name -> benchmark flags. ImageNet cases: batch 256, 224 px, bf16; the torch comparison
 # needs a model the reference has (torchvision-layout ResNets).
 CASES = {
     "resnet18_baseline": dict(model="resnet18", method="baseline", aux="none", batch_size=256,

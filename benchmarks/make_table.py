@@ -6,7 +6,7 @@
     python benchmarks/make_table.py --device H100         # only records of matching devices
 
 Prints (or writes) Markdown: one row per measurement (by default the newest record of each
-configuration; ``--all`` keeps every record), then the issue 6 targets where both sides of a ratio
+configuration; ``--all`` keeps every record), then the speed targets where both sides of a ratio
 were measured on the same device: the DKS step-time overhead over the plain baseline against the
 multiply-add ratio, and JAX over PyTorch (measured in the same command). Standard library only.
 """
@@ -26,7 +26,7 @@ REQUIRED_KEYS = (
 # A configuration: records with equal values here measure the same thing.
 CONFIG_KEYS = ("device", "num_devices", "model", "aux", "branches", "method", "batch_size",
                "image_size", "dtype", "bn_group_size")
-TORCH_TARGET = 1.2  # issue 6: JAX at least 1.2x PyTorch
+TORCH_TARGET = 1.2  # the target: JAX at least 1.2x PyTorch
 
 
 def load_records(paths) -> list[dict]:
@@ -150,7 +150,7 @@ def render(records: list[dict]) -> str:
     parts = [measurements_table(records)]
     overhead = overhead_table(records)
     if overhead:
-        parts.append("DKS overhead (issue 6 target: step-time ratio at or below the multiply-add "
+        parts.append("DKS overhead (target: step-time ratio at or below the multiply-add "
                      "ratio):\n\n" + overhead)
     return "\n\n".join(parts) + "\n"
 

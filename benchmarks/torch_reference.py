@@ -1,4 +1,4 @@
-"""PyTorch reference for the speed comparison of issue 6: the same model, loss and optimizer.
+"""PyTorch reference for the speed comparison: the same model, loss and optimizer.
 
     python benchmarks/torch_reference.py --model resnet50 --aux none --method baseline \
         --batch_size 256 --image_size 224 --dtype bfloat16 --json_out /tmp/torch.json

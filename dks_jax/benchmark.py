@@ -63,7 +63,7 @@ STEPS_PER_EPOCH = 1000
 TORCH_METHODS = ("baseline", "ds", "dks")  # what benchmarks/torch_reference.py implements
 TORCH_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
-# Keys every record has (issue 6), plus ``torch_images_per_sec`` when a comparison ran.
+# Keys every record has, plus ``torch_images_per_sec`` when a comparison ran.
 REQUIRED_KEYS = (
     "device", "jax_version", "date", "command", "model", "aux", "method", "batch_size",
     "image_size", "dtype", "images_per_sec", "step_ms", "compile_s", "macs_per_image",
@@ -86,17 +86,17 @@ class Peak:
 
 
 # Keyed by a substring of ``jax.Device.device_kind``; the first match wins (so "H100 PCIe" before
-# "H100"). H100 and H200 (SXM): issue 6 states 790 TFLOP/s bf16 as the reference ceiling, which is
-# what an 8192^3 bf16 matrix product reached on this workplace's H100 and H200 (769-798 TFLOP/s);
+# "H100"). H100 and H200 (SXM): the reference ceiling is 790 TFLOP/s bf16, what an 8192^3 bf16
+# matrix product reaches on an H100 or H200 (769-798 TFLOP/s measured);
 # the datasheet says 989.4 TFLOP/s dense bf16. float32 runs XLA's convolutions and dots in TF32 on
 # these GPUs by default: datasheet TF32 dense 494.7 TFLOP/s (no measured figure). Others: datasheets.
 PEAK_FLOPS: dict[str, Peak] = {
     "H100 PCIe": Peak(756e12, 378e12, 756e12, 378e12, "NVIDIA H100 PCIe datasheet, dense"),
     "H100": Peak(790e12, 494.7e12, 989.4e12, 494.7e12,
-                 "issue 6 reference 790 TFLOP/s bf16 (measured 8192^3 bf16 matmul); "
+                 "reference 790 TFLOP/s bf16 (measured 8192^3 bf16 matmul); "
                  "datasheet H100 SXM 989.4 bf16 / 494.7 TF32, dense"),
     "H200": Peak(790e12, 494.7e12, 989.4e12, 494.7e12,
-                 "issue 6 reference 790 TFLOP/s bf16 (measured 8192^3 bf16 matmul); "
+                 "reference 790 TFLOP/s bf16 (measured 8192^3 bf16 matmul); "
                  "datasheet H200 SXM 989.4 bf16 / 494.7 TF32, dense"),
     "A100": Peak(312e12, 156e12, 312e12, 156e12, "NVIDIA A100 datasheet, dense bf16 / TF32"),
     "TPU v4": Peak(275e12, None, 275e12, None, "Cloud TPU v4 datasheet, bf16"),

@@ -117,7 +117,7 @@ def test_peak_table_and_mfu_by_hand():
     assert benchmark.mfu(macs, 1000.0, 790e12, 4) == pytest.approx(6 * macs * 1000 / (4 * 790e12))
 
 
-def test_resnet18_dks_mac_ratio_is_the_issues():
+def test_resnet18_dks_mac_ratio_is_the_targets():
     base = models.complexity("resnet18", 1000, image_size=224, aux="none")["total"]["macs"]
     dks = models.complexity("resnet18", 1000, image_size=224, aux="paper")["total"]["macs"]
     assert base / 1e9 == pytest.approx(1.81, abs=0.01)
@@ -243,7 +243,7 @@ def test_torch_reference_runs_through_the_comparison_path(torch_reference):
     assert record["jax_over_torch"] == pytest.approx(3.0 / result["images_per_sec"])
 
 
-def test_compare_dry_run_lists_the_issue_cases(capsys):
+def test_compare_dry_run_lists_the_cases(capsys):
     import compare
 
     assert compare.main(["--dry_run", "--python", "py", "--steps", "7"]) == 0

@@ -18,6 +18,8 @@ PRESETS = {
                                                       "shallow", "paper") for m in ("ds", "dks")],
     "ablation_branches_resnet18.py": ["C1", "C1C2", "C1C3", "C1C4", "C1C2C3", "C1C2C3C4"],
     "ablation_pairs_resnet18.py": ["top_down", "bottom_up", "bidirectional"],
+    "ablation_alone_resnet18.py": ["C2", "C3"],
+    "cpu_study.py": ["baseline", "ds", "dks", "dhm", "baseline,0.5", "dks,0.5"],
     "densenet40_noisy_cifar10.py": [f"{m},{n}" for m in ("baseline", "ds", "dks") for n in (0, .5, .8)],
     "dhm_cifar100.py": ["cifar_resnet32", "densenet40_k12", "wrn28_10"],
     "kd_resnet18.py": ["c1", "c1_ds", "c2c3_ds"],
@@ -69,7 +71,7 @@ def test_config_builds_model_and_state(path, preset):
         return train.initial_state(model, tx)[1]
 
     state = jax.eval_shape(build)
-    if config.aux == "none":
+    if config.aux == "none" or config.branch_alone:
         assert heads["n"] == 1
     else:
         n_branches = len(set(re.findall(r"C[2-9]", config.branches)))

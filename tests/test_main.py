@@ -143,6 +143,7 @@ np.savez(sys.argv[1], *leaves)
 '''
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-all`
 def test_cpu_flags_change_no_result_beyond_float_tolerance(tmp_path):
     """The XNNPACK convolution flags the CLI sets on CPU: same loss, logits and gradients."""
     import numpy as np

@@ -121,7 +121,9 @@ def test_summary_tables_are_computed():
 # Heads: number, order, branch selection, spatial sizes.
 
 
-@pytest.mark.parametrize("name", models.names())
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n == "cifar_resnet1202" else n  # 20 s each
+    for n in models.names()])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_every_model_traces_under_jit(name, dtype):
     """Forward under jax.jit for every registry name in fp32 and bf16 (traced, not compiled), and

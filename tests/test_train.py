@@ -92,6 +92,7 @@ def test_a_branch_trained_alone_exports_its_own_network(cifar_subset, tmp_path):
     assert model.stages[-1][0].conv1.kernel.shape == ref.stages[-1][0].conv1.kernel.shape
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-all`
 def test_loss_falls_on_real_images(cifar_subset, tmp_path):
     config = tiny_config(cifar_subset, method="dks", num_epochs=8.0, log_every_steps=25,
                          learning_rate=0.05, lr_boundaries=(100.0,), batch_size=32)
@@ -139,6 +140,7 @@ def test_one_and_eight_devices_agree(cifar_subset, tmp_path):
     assert r1["eval_count"] == r8["eval_count"] == 200
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-all`
 def test_export_round_trip(cifar_subset, tmp_path):
     config = tiny_config(cifar_subset, method="dks")
     train.train_and_evaluate(config, tmp_path)
@@ -171,6 +173,7 @@ def test_kd_uses_a_teacher_export(cifar_subset, tmp_path):
     assert any("kd" in k for k in rows[-1]) and result["eval_count"] == 200
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-all`
 def test_divergence_names_a_good_checkpoint_and_resuming_from_it_works(cifar_subset, tmp_path):
     one_step = 16 / TRAIN_IMAGES
     config = tiny_config(cifar_subset, method="ds", learning_rate=1e6, num_epochs=10 * one_step,
@@ -392,6 +395,7 @@ def test_num_seeds_equals_separate_runs(cifar_subset, tmp_path):
     assert one["grad_cos/C2"] == pytest.approx(cos[1], abs=1e-4)
 
 
+@pytest.mark.slow  # over 30 s on 2 cores: `make test-all`
 def test_gradient_consistency_is_logged(cifar_subset, tmp_path):
     result = train.train_and_evaluate(tiny_config(cifar_subset, method="ds"), tmp_path)
     for head in ("C2", "C3"):
