@@ -121,9 +121,12 @@ def test_summary_tables_are_computed():
 # Heads: number, order, branch selection, spatial sizes.
 
 
-@pytest.mark.parametrize("name", [
-    pytest.param(n, marks=pytest.mark.slow) if n == "cifar_resnet1202" else n  # 20 s each
-    for n in models.names()])
+# The deepest CIFAR nets take 5-20 s each to trace on 2 cores: `make test-all`.
+HEAVY = ("cifar_resnet1202", "densenet100_k12", "densenet_bc100_k12")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in HEAVY else n
+                                  for n in models.names()])
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=["fp32", "bf16"])
 def test_every_model_traces_under_jit(name, dtype):
     """Forward under jax.jit for every registry name in fp32 and bf16 (traced, not compiled), and
@@ -142,9 +145,8 @@ def test_every_model_traces_under_jit(name, dtype):
     assert all(p.dtype == F32 for p in jax.tree.leaves(nnx.state(model, nnx.Param)))
 
 
-@pytest.mark.parametrize(
-    "name", ["resnet18", "cifar_resnet8", "densenet_bc100_k12", "mobilenet_cifar", "wrn16_8"]
-)
+@pytest.mark.parametrize("name", ["resnet18", "cifar_resnet8", "densenet40_k12", "mobilenet_cifar",
+                                  "wrn16_8", pytest.param("densenet_bc100_k12", marks=pytest.mark.slow)])
 def test_gradients_reach_every_parameter(name):
     """jax.grad traces through every family (max pool, concatenation, dropout, zero padding)."""
     model = abstract(name, 10, **({"dropout": 0.3} if name == "wrn16_8" else {}))
