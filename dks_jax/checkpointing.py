@@ -21,6 +21,9 @@ from etils import epath
 
 from dks_jax import errors, paths
 
+# Written by a run that stopped on a non-finite loss (train.py); it belongs to that run.
+NONFINITE_FILE = "nonfinite.json"
+
 
 class CheckpointError(errors.UserError, RuntimeError):
     """No usable checkpoint could be restored, or the workdir holds another run's checkpoints."""
@@ -122,7 +125,7 @@ class Checkpoints:
             src = self.directory / str(step)
             if src.exists():
                 src.rename(self.directory / f"{why}-{step}")
-        _barrier(f"set_aside_{why}_{step}")
+        barrier(f"set_aside_{why}_{step}")
         self._manager.reload()
 
     def wait(self) -> None:
@@ -140,7 +143,8 @@ def _is_mismatch(error: Exception) -> bool:
                                    "unexpected key", "not found in"))
 
 
-def _barrier(name: str) -> None:
+def barrier(name: str) -> None:
+    """Waits for every process (multi-process runs; nothing to wait for otherwise)."""
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -152,7 +156,7 @@ def move_aside(workdir) -> epath.Path | None:
     ``previous-<n>/``: nothing is lost, and nothing of it mixes with the next run's."""
     workdir = paths.as_path(workdir)
     names = [n for n in ("checkpoints", "best", "export", "config.json", "metrics.jsonl",
-                         "tensorboard") if (workdir / n).exists()]
+                         "tensorboard", NONFINITE_FILE) if (workdir / n).exists()]
     if not names:
         return None
     n = 0
@@ -163,7 +167,7 @@ def move_aside(workdir) -> epath.Path | None:
         dest.mkdir(parents=True)
         for name in names:
             (workdir / name).rename(dest / name)
-    _barrier("move_aside")
+    barrier("move_aside")
     return dest
 
 
@@ -180,7 +184,7 @@ def save_export(directory, state: dict, meta: dict) -> epath.Path:
     checkpointer.wait_until_finished()
     if jax.process_index() == 0:
         (directory / EXPORT_META).write_text(json.dumps(meta, indent=2, sort_keys=True))
-    _barrier("save_export")
+    barrier("save_export")
     return directory
 
 

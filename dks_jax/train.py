@@ -57,7 +57,7 @@ RESCUE_FIELDS = frozenset({
     "learning_rate", "lr_schedule", "lr_boundaries", "lr_decay_factor", "warmup_epochs",
     "weight_decay", "momentum", "nesterov",
 })
-NONFINITE_FILE = "nonfinite.json"
+NONFINITE_FILE = checkpointing.NONFINITE_FILE
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -326,8 +326,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def experiment_changes(saved: dict, config, extra_allowed=frozenset()) -> tuple[dict, dict]:
     """``(other_experiment, allowed)``: the fields whose values differ, ``{field: (saved, now)}``,
-    split by :data:`RESUMABLE_FIELDS`. A field the saved config lacks (an older version wrote it)
-    counts as allowed."""
+    split by :data:`RESUMABLE_FIELDS` plus ``extra_allowed`` (after a divergence:
+    :data:`RESCUE_FIELDS`). A field the saved config lacks (an older version wrote it) counts as
+    allowed."""
     old, new = _flat(saved), _flat(_jsonable(config))
     diff = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
             if old.get(k) != new.get(k)}
@@ -354,7 +355,8 @@ def _check_workdir(config, workdir, ckpts: checkpointing.Checkpoints) -> checkpo
         if not other:
             for k, (a, b) in allowed.items():
                 logging.warning("Resuming %s with %s changed: %r -> %r", workdir, k, a, b)
-    if diverged.exists() and jax.process_index() == 0:
+    checkpointing.barrier("rescue_checked")  # every process has read the allowance
+    if rescue and jax.process_index() == 0:
         # This resume uses the rescue allowance once; the record stays, renamed.
         record = json.loads(diverged.read_text())
         logging.warning("%s stopped on a non-finite loss at step %s before; resuming from its last "
