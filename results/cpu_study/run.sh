@@ -36,7 +36,7 @@ tables() {
 
 commit() {  # commit only these paths (other staged work stays staged); retry while git is busy
   local message=$1; shift
-  git add -- "$@"
+  git add -f -- "$@"  # run folders are git-ignored until a run has finished
   for _ in 1 2 3 4 5 6; do
     if git commit --quiet -m "$message" -- "$@"; then return 0; fi
     sleep 10
