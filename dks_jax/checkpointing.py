@@ -1,6 +1,6 @@
 """Checkpoints and exports, behind one module so that an Orbax API change is a one-file change.
 
-Run folder layout (DESIGN.md): ``checkpoints/<step>/`` (latest ``max_to_keep``), ``best/<step>/`` (the
+Run folder layout (docs/design.md): ``checkpoints/<step>/`` (latest ``max_to_keep``), ``best/<step>/`` (the
 checkpoint with the best evaluation top-1), ``export/`` (the main path only, for inference).
 """
 

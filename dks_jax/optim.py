@@ -1,4 +1,4 @@
-"""Optimizers and learning-rate schedules of the papers (DESIGN.md, "Papers' recipes").
+"""Optimizers and learning-rate schedules of the papers (docs/design.md, "The papers' recipes").
 
 Schedules are described in epochs in the config and turned into steps here, at run time, from the
 actual number of steps per epoch, so changing the batch size keeps the schedule right.
