@@ -1,4 +1,4 @@
-"""Tests of dks_jax.data: sources, both loaders, order/resume, per-process splits, label noise."""
+"""Tests of dks_jax.data: sources, folders, TFDS, both loaders, order/resume, per-process splits, noise."""
 
 import io
 import os
@@ -10,15 +10,14 @@ import tarfile
 import time
 
 import jax
-import ml_collections
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from dks_jax import data, errors
-from dks_jax.data import noise, order, sources
+from dks_jax import config_base, data, errors
+from dks_jax.data import augment, folders, noise, order, sources, tfds_data
 
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
                    "ship", "truck")
@@ -30,11 +29,9 @@ def make_mesh(n, axis_type=jax.sharding.AxisType.Explicit):
 
 
 def config(dataset, **overrides):
-    c = ml_collections.ConfigDict(dict(
-        dataset=str(dataset), data_dir="", train_split="train", eval_split="test",
-        loader="auto", augment="cifar", image_size=32, resize_mode="both_sides", cutout=0,
-        label_noise=0.0, seed=0))
-    c.update(overrides)
+    """``config_base.base()`` (every config starts there) with ``dataset`` and ``overrides``."""
+    c = config_base.base()
+    c.update(dict(dataset=str(dataset), **overrides))
     return c
 
 
@@ -80,7 +77,7 @@ def tiny_folder(root, sizes=None, classes=("a", "b"), per_class=3):
 def cifar_full(cifar_tar):
     """The whole shared CIFAR-10 archive, read in place and decoded once (about 10 s)."""
     t0 = time.time()
-    src = sources.image_folder(cifar_tar, "train", "test", name="cifar10")
+    src = folders.image_folder(cifar_tar, "train", "test", name="cifar10")
     train, test = src.train.decode_all(), src.eval.decode_all()
     return src, train, test, time.time() - t0
 
@@ -258,6 +255,24 @@ def test_global_batch_must_divide(cifar_subset):
     with pytest.raises(ValueError, match="3 processes"):
         data.create(config(cifar_subset, loader="streaming"), make_mesh(8), process_index=0,
                     process_count=3).local_train_iterator(16)
+
+
+def test_jax_augmentations():
+    """The in-memory loader's pad-crop-flip and Cutout (augment.py), on known parameters."""
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 6, 3), dtype=np.uint8)
+    pad = augment.PAD
+    offset = np.array([[pad, pad], [pad, pad], [0, 2 * pad]], np.int32)
+    out = np.asarray(augment.pad_crop_flip(images, offset, np.array([False, True, False])))
+    np.testing.assert_array_equal(out[0], images[0])  # centred crop, no flip: the image
+    np.testing.assert_array_equal(out[1], images[1][:, ::-1])
+    np.testing.assert_array_equal(out[2, :pad], 0)  # shifted down and left: zero padding shows
+    np.testing.assert_array_equal(out[2, pad:, :-pad], images[2, :-pad, pad:])
+    mask = np.asarray(augment.cutout_mask(np.array([[4, 3], [0, 0]]), (8, 6), 4))
+    assert mask.shape == (2, 8, 6) and mask[0].sum() == 48 - 16 and mask[1].sum() == 48 - 4
+    assert (mask[0, 2:6, 1:5] == 0).all()
+    x = np.asarray(augment.transform(images, {}, augment="none", cutout=0, mean=(0.5,) * 3,
+                                     std=(0.25,) * 3))
+    np.testing.assert_allclose(x, (images / 255.0 - 0.5) / 0.25, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- label noise
@@ -503,7 +518,7 @@ def test_missing_tfds_data_set_is_downloaded(tmp_path, monkeypatch):
 
     fake = _FakeBuilder()
     monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: fake)
-    monkeypatch.setattr(sources, "_reachable", lambda host, **kw: True)
+    monkeypatch.setattr(tfds_data, "_reachable", lambda host, **kw: True)
     # After the (fake) download the builder is asked again; still no splits -> "not prepared".
     with pytest.raises(data.DataNotFoundError, match="not prepared"):
         data.create(config("cifar10", data_dir=str(tmp_path)), make_mesh(1))
@@ -521,7 +536,7 @@ def test_missing_tfds_data_set_without_network_names_both_ways_out(tmp_path, mon
 
     fake = _FakeBuilder(error=ConnectionError("Name or service not known"))
     monkeypatch.setattr(tfds, "builder", lambda name, data_dir=None: fake)
-    monkeypatch.setattr(sources, "_reachable", lambda host, **kw: reachable)
+    monkeypatch.setattr(tfds_data, "_reachable", lambda host, **kw: reachable)
     with pytest.raises(data.DataNotFoundError) as info:
         data.create(config("cifar10", data_dir=str(tmp_path)), make_mesh(1))
     message = str(info.value)
@@ -624,10 +639,10 @@ def test_in_memory_path_does_not_need_tensorflow(cifar_subset):
     """Importing dks_jax.data and the in-memory loader work with TensorFlow unavailable."""
     code = (
         "import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None\n"
-        "import jax, numpy as np, ml_collections\n"
-        "from dks_jax import data\n"
+        "import jax, numpy as np\n"
+        "from dks_jax import config_base, data\n"
         "mesh = jax.make_mesh((1,), ('data',), axis_types=(jax.sharding.AxisType.Explicit,))\n"
-        f"c = ml_collections.ConfigDict(dict(dataset={str(cifar_subset)!r}, augment='cifar'))\n"
+        f"c = config_base.base(); c.dataset = {str(cifar_subset)!r}; c.augment = 'cifar'\n"
         "ds = data.create(c, mesh)\n"
         "b = next(ds.train_iterator(8))\n"
         "assert ds.loader == 'in_memory' and b['image'].shape == (8, 32, 32, 3)\n"

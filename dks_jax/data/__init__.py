@@ -6,13 +6,18 @@
     for batch in ds.eval_iterator(batch_size):
         ...   # plus batch["mask"] bool [B]: False on the padding of the last batch
 
-Config fields read (top level): ``dataset`` (TFDS name, or path to an image folder / .tar /
-.tar.gz), ``data_dir``, ``train_split``, ``eval_split``, ``loader`` (``auto`` | ``in_memory`` |
+Config fields read (top level; the config is built from ``config_base.base()``, which holds the
+defaults): ``dataset`` (TFDS name, or path to an image folder / .tar / .tar.gz), ``data_dir``,
+``download``, ``train_split``, ``eval_split``, ``loader`` (``auto`` | ``in_memory`` |
 ``streaming``), ``augment`` (``cifar`` | ``imagenet_simple`` | ``imagenet_inception`` | ``none``),
-``image_size``, ``resize_mode`` (``both_sides`` | ``shorter_side``), ``cutout`` (0 = off),
-``label_noise`` (fraction of training labels replaced by another class), ``train_examples``
-(> 0: train on the first ``train_examples / num_classes`` examples of every class; the noise is
-drawn on that subset), ``seed``.
+``image_size`` (0 = the images' own size if square, else 224), ``resize_mode`` (``both_sides`` |
+``shorter_side``), ``cutout`` (0 = off), ``label_noise`` (fraction of training labels replaced by
+another class), ``train_examples`` (> 0: train on the first ``train_examples / num_classes``
+examples of every class; the noise is drawn on that subset), ``seed``.
+
+Modules: ``sources`` (splits, ``Source``, ``resolve``), ``folders`` (image folders and tar
+archives), ``tfds_data`` (TFDS data sets), ``augment`` (both loaders' augmentations),
+``in_memory`` and ``streaming`` (the loaders), ``order`` (example order), ``noise`` (label noise).
 
 ``loader='auto'`` picks ``in_memory`` when the images have one fixed size equal to
 ``image_size``, the augmentation is ``cifar`` or ``none``, and both splits decoded take at most
@@ -41,14 +46,6 @@ LOADERS = ("auto", "in_memory", "streaming")
 AUGMENTS = ("cifar", "imagenet_simple", "imagenet_inception", "none")
 
 log = logging.getLogger(__name__)
-
-
-def _get(config, name, default):
-    try:
-        value = config.get(name, default)
-    except AttributeError:
-        value = getattr(config, name, default)
-    return default if value is None else value
 
 
 class Dataset:
@@ -129,12 +126,14 @@ class Dataset:
         return -(-self.num_eval // global_batch)
 
     def local_train_iterator(self, global_batch: int, *, start_step: int = 0):
-        """Streaming loader only: this process's part of each training batch, as NumPy."""
+        """Streaming loader only: this process's part of each training batch, as NumPy:
+        {"image": float32 [b, H, W, C], "label": int32 [b]}, ``b = B / process_count``."""
         self._streaming_only("local_train_iterator")
         return self._impl.local_train_batches(global_batch, start_step=start_step)
 
     def local_eval_iterator(self, global_batch: int):
-        """Streaming loader only: this process's part of each eval batch, as NumPy."""
+        """Streaming loader only: this process's part of each eval batch, as NumPy: {"image":
+        float32 [b, H, W, C], "label": int32 [b], "mask": bool [b]}."""
         self._streaming_only("local_eval_iterator")
         return self._impl.local_eval_batches(global_batch)
 
@@ -151,22 +150,18 @@ def create(config, mesh, *, process_index: int | None = None,
     ``process_index``/``process_count`` default to JAX's; tests override them to simulate one of
     several processes (then the streaming loader offers only the ``local_*`` iterators).
     """
-    dataset = _get(config, "dataset", None)
-    if not dataset:
+    if not config.dataset:
         raise errors.ConfigError("config.dataset is empty: set a TFDS name (cifar10, cifar100, "
                                  "imagenet2012) or the path of an image folder / .tar / .tar.gz")
-    dataset = str(dataset)
-    data_dir = _get(config, "data_dir", None) or None
-    train_split = str(_get(config, "train_split", "train"))
-    eval_split = str(_get(config, "eval_split",
-                          "validation" if dataset.startswith("imagenet") else "test"))
-    loader = str(_get(config, "loader", "auto"))
-    augment = str(_get(config, "augment", "cifar"))
-    image_size = int(_get(config, "image_size", 0) or 0)
-    resize_mode = str(_get(config, "resize_mode", "both_sides"))
-    cutout = int(_get(config, "cutout", 0) or 0)
-    fraction = float(_get(config, "label_noise", 0.0) or 0.0)
-    seed = int(_get(config, "seed", 0))
+    dataset = str(config.dataset)
+    data_dir = config.data_dir or None
+    train_split, eval_split = str(config.train_split), str(config.eval_split)
+    loader, augment = str(config.loader), str(config.augment)
+    image_size = int(config.image_size)
+    resize_mode = str(config.resize_mode)
+    cutout = int(config.cutout)
+    fraction = float(config.label_noise)
+    seed = int(config.seed)
     if loader not in LOADERS:
         raise errors.ConfigError(f"config.loader must be one of {LOADERS}, not {loader!r}")
     if augment not in AUGMENTS:
@@ -179,8 +174,8 @@ def create(config, mesh, *, process_index: int | None = None,
     order.data_axis_size(mesh)
 
     source = sources.resolve(dataset, data_dir, train_split, eval_split,
-                             download=bool(_get(config, "download", True)))
-    train_examples = int(_get(config, "train_examples", 0) or 0)
+                             download=bool(config.download))
+    train_examples = int(config.train_examples)
     if train_examples:
         source = dataclasses.replace(source, train=sources.balanced_subset(
             source.train, train_examples, source.num_classes))

@@ -8,9 +8,9 @@ The images are uint8 arrays ``[N, H, W, C]`` sharded over mesh axis ``'data'`` (
 2. gathers the examples: each device picks the requested rows it holds (zeros elsewhere), and
    a reduce-scatter over ``'data'`` hands every device its ``B / n`` rows of the global batch
    (``B x H x W x C`` bytes per device and step, sent as uint32 words),
-3. augments them (``augment='cifar'``: zero-pad 4, random ``H x W`` crop, horizontal flip; then
-   per-channel mean/std; optional Cutout, a ``cutout x cutout`` square of zeros after
-   normalisation, centred uniformly in the image and clipped at its border).
+3. augments them (``augment.py``; ``augment='cifar'``: zero-pad 4, random ``H x W`` crop,
+   horizontal flip; then per-channel mean/std; optional Cutout, a ``cutout x cutout`` square of
+   zeros after normalisation, centred uniformly in the image and clipped at its border).
 
 The random numbers come from ``fold_in(fold_in(key(seed), epoch), step_in_epoch)`` and are drawn
 for the whole global batch, so the batch does not depend on the number of devices or processes.
@@ -28,12 +28,12 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from dks_jax.data import order
-
-PAD = 4
+from dks_jax.data.augment import augment_params, transform
 
 
 def put_global(x: np.ndarray, mesh, spec: P) -> jax.Array:
-    """A host array (identical on every process) as a global array with ``NamedSharding``."""
+    """A host array (identical on every process) as a global array of the same shape and dtype,
+    with ``NamedSharding(mesh, spec)``."""
     sharding = NamedSharding(mesh, spec)
     return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
@@ -43,47 +43,6 @@ def _pad_rows(x: np.ndarray, multiple: int) -> np.ndarray:
     if not extra:
         return x
     return np.concatenate([x, np.zeros((extra, *x.shape[1:]), x.dtype)])
-
-
-def augment_params(key, global_batch: int, hw: tuple[int, int], *, augment: str,
-                   cutout: int) -> dict:
-    """Random parameters of one global batch (replicated; tiny)."""
-    k_crop, k_flip, k_cut = jax.random.split(key, 3)
-    params = {}
-    if augment == "cifar":
-        params["offset"] = jax.random.randint(k_crop, (global_batch, 2), 0, 2 * PAD + 1)
-        params["flip"] = jax.random.bernoulli(k_flip, 0.5, (global_batch,))
-    if cutout:
-        params["centre"] = jnp.stack(
-            [jax.random.randint(jax.random.fold_in(k_cut, i), (global_batch,), 0, hw[i])
-             for i in range(2)], axis=1)
-    return params
-
-
-def transform(images, params, *, augment: str, cutout: int, mean, std):
-    """uint8 [b, H, W, C] -> normalised float32 [b, H, W, C] with the given random parameters."""
-    b, h, w, c = images.shape
-    if augment == "cifar":
-        padded = jnp.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
-        crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))
-        images = jax.vmap(crop)(padded, params["offset"])
-        images = jnp.where(params["flip"][:, None, None, None], images[:, :, ::-1], images)
-    scale = np.asarray(1.0 / (255.0 * np.asarray(std)), np.float32)
-    bias = np.asarray(-np.asarray(mean) / np.asarray(std), np.float32)
-    x = images.astype(jnp.float32) * scale + bias
-    if cutout:
-        x = x * cutout_mask(params["centre"], (h, w), cutout)[..., None]
-    return x
-
-
-def cutout_mask(centre, hw, size: int):
-    """float32 [b, H, W]: 0 inside the square [c - size//2, c - size//2 + size), else 1."""
-    lo = centre - size // 2
-    ys = jnp.arange(hw[0])[None, :]
-    xs = jnp.arange(hw[1])[None, :]
-    in_y = (ys >= lo[:, :1]) & (ys < lo[:, :1] + size)
-    in_x = (xs >= lo[:, 1:]) & (xs < lo[:, 1:] + size)
-    return 1.0 - (in_y[:, :, None] & in_x[:, None, :]).astype(jnp.float32)
 
 
 class InMemoryLoader:
@@ -138,8 +97,9 @@ class InMemoryLoader:
         return self._seed_labels[seed]
 
     def train_batch(self, global_batch: int, step: int, seed: int | None = None) -> dict:
-        """The batch of ``step``; ``seed`` (default: the run's) picks order, augmentation and label
-        noise, so several seeds can share one copy of the images (``config.num_seeds``)."""
+        """The batch of ``step``: {"image": float32 [B, H, W, C], "label": int32 [B]}, sharded
+        over ``'data'``. ``seed`` (default: the run's) picks order, augmentation and label noise,
+        so several seeds can share one copy of the images (``config.num_seeds``)."""
         seed = self.seed if seed is None else int(seed)
         spe = order.steps_per_epoch(self.num_train, global_batch)
         epoch, i = divmod(int(step), spe)
@@ -151,6 +111,9 @@ class InMemoryLoader:
                               global_batch=global_batch)
 
     def eval_batches(self, global_batch: int):
+        """One pass over the eval split: {"image": float32 [B, H, W, C], "label": int32 [B],
+        "mask": bool [B]} per batch, sharded over ``'data'``; the last batch padded (mask False,
+        zero image, label 0)."""
         idx, _ = order.eval_indices(self.num_eval, global_batch)
         for step_idx in idx:
             yield self._eval_fn(self._eval_x, self._eval_y,

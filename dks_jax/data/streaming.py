@@ -15,20 +15,10 @@ Two ways of reading, chosen by the source:
   are read but not decoded). The order is a pure function of (seed, epoch, step), but not the
   permutation of ``order.py``.
 
-Transforms (``S = image_size``; ``R = round(S * 256 / 224)``, i.e. 256 for 224):
-
-* ``cifar``: zero-pad 4, random ``S x S`` crop, horizontal flip (images must be ``S x S``).
-* ``imagenet_simple``: resize to ``R x R`` (``resize_mode='both_sides'``, as the DKS paper does) or
-  the shorter side to ``R`` (``'shorter_side'``), random ``S x S`` crop, flip.
-* ``imagenet_inception``: Inception-style random-resized crop (area 8%-100% of the image, aspect
-  ratio 3/4-4/3, at least 10% of the image covered, 100 attempts, else the whole image), resized
-  to ``S x S``, flip.
-* ``none`` and evaluation: the image itself if it is ``S x S``, else resize (as above) and take
-  the central ``S x S`` crop.
-
-Then per-channel mean/std normalisation and, if configured, Cutout (after normalisation, as in
-DeVries & Taylor). Random numbers are stateless, seeded per example from (seed, epoch, position
-in the epoch), so they do not depend on the number of processes or on ``tf.data`` threading.
+Transforms: the tf.data versions in ``augment.py`` (``tf_train_transform``,
+``tf_eval_transform``), which documents them. Random numbers are stateless, seeded per example
+from (seed, epoch, position in the epoch), so they do not depend on the number of processes or on
+``tf.data`` threading.
 """
 
 from __future__ import annotations
@@ -41,25 +31,12 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dks_jax.data import augment as augment_lib
 from dks_jax.data import order, sources
+from dks_jax.data.augment import import_tf
 
 SHUFFLE_BUFFER = 10_000
 _MAX_STEPS = 2**62
-
-
-def import_tf():
-    """TensorFlow, imported on first use, with its GPUs hidden (JAX owns the accelerators)."""
-    import tensorflow as tf
-
-    try:
-        tf.config.set_visible_devices([], "GPU")
-    except (RuntimeError, ValueError):  # already initialised: nothing to do
-        pass
-    return tf
-
-
-def resize_size(image_size: int) -> int:
-    return int(round(image_size * 256 / 224))
 
 
 class StreamingLoader:
@@ -124,10 +101,12 @@ class StreamingLoader:
         return self.source.eval.num_examples
 
     def rows(self, global_batch: int) -> np.ndarray:
+        """This process's rows (int64 [B / P]) of each global batch of ``global_batch``."""
         return order.process_rows(self.mesh, global_batch, self.process_index, self.process_count)
 
     def local_train_batches(self, global_batch: int, *, start_step: int = 0):
-        """Endless iterator of this process's rows of each global batch, as NumPy dicts."""
+        """Endless iterator of this process's rows of each global batch, as NumPy dicts:
+        {"image": float32 [b, S, S, 3], "label": int32 [b]} with ``b = B / P``."""
         rows = self.rows(global_batch)
         order.steps_per_epoch(self.num_train, global_batch)
         if isinstance(self.source.train, sources.IndexedSplit):
@@ -140,7 +119,9 @@ class StreamingLoader:
         return self._sequential_train(global_batch, len(rows), start_step)
 
     def local_eval_batches(self, global_batch: int):
-        """One pass over the eval split: this process's rows of each padded global batch."""
+        """One pass over the eval split: this process's rows of each padded global batch, as
+        NumPy dicts {"image": float32 [b, S, S, 3], "label": int32 [b], "mask": bool [b]}
+        (mask False on padding, which has a zero image and label 0)."""
         rows = self.rows(global_batch)
         split = self.source.eval
         if isinstance(split, sources.IndexedSplit):
@@ -152,10 +133,12 @@ class StreamingLoader:
         return self._sequential_eval(global_batch, len(rows))
 
     def train_iterator(self, global_batch: int, *, start_step: int = 0):
+        """``local_train_batches`` as global jax.Arrays [B, ...] sharded over ``'data'``."""
         return self._to_global(self.local_train_batches(global_batch, start_step=start_step),
                                global_batch)
 
     def eval_iterator(self, global_batch: int):
+        """``local_eval_batches`` as global jax.Arrays [B, ...] sharded over ``'data'``."""
         return self._to_global(self.local_eval_batches(global_batch), global_batch)
 
     # -------------------------------------------------------------------- global arrays
@@ -357,82 +340,18 @@ class StreamingLoader:
     def _identity_eval(self) -> bool:
         return self.fixed_hw == (self.size, self.size)
 
-    def _decode(self, data):
-        tf = import_tf()
-        return tf.cond(
-            tf.io.is_jpeg(data),
-            lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
-            lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
-        )
-
-    def _check_size(self, img):
-        tf = import_tf()
-        h, w = self.fixed_hw
-        ok = tf.debugging.assert_equal(
-            tf.shape(img)[:2], tf.constant([h, w]),
-            message=f"an image is not {h}x{w} (mixed sizes; the 'cifar'/'none' augmentations "
-                    "need one size)")
-        with tf.control_dependencies([ok]):
-            return tf.identity(img)
-
-    def _resize(self, img):
-        tf = import_tf()
-        r = resize_size(self.size)
-        if self.resize_mode == "both_sides":
-            size = tf.constant([r, r])
-        else:
-            hw = tf.cast(tf.shape(img)[:2], tf.float32)
-            size = tf.cast(tf.round(hw * r / tf.reduce_min(hw)), tf.int32)
-            size = tf.maximum(size, r)
-        return tf.image.resize(img, size, method="bilinear", antialias=True)
-
     def _eval_transform(self, data):
-        tf = import_tf()
-        img = self._decode(data)
-        if self._identity_eval():
-            x = tf.cast(self._check_size(img), tf.float32)
-        else:
-            x = self._resize(img)
-            s = self.size
-            hw = tf.shape(x)[:2]
-            x = tf.slice(x, tf.stack([(hw[0] - s) // 2, (hw[1] - s) // 2, 0]), [s, s, 3])
-        return self._normalise(x)
+        """Encoded image -> normalised float32 [S, S, 3] (``augment.tf_eval_transform``)."""
+        return augment_lib.tf_eval_transform(
+            data, size=self.size, resize_mode=self.resize_mode, mean=self.mean, std=self.std,
+            fixed_hw=self.fixed_hw)
 
     def _train_transform(self, data, seed):
-        tf = import_tf()
-        s = self.size
-        seeds = tf.random.experimental.stateless_split(seed, 4)
-        if self.augment == "none":
-            return self._eval_transform(data)
-        img = self._decode(data)
-        if self.augment == "cifar":
-            img = self._check_size(img)
-            img = tf.pad(img, [[4, 4], [4, 4], [0, 0]])
-            x = tf.cast(tf.image.stateless_random_crop(img, [s, s, 3], seed=seeds[0]), tf.float32)
-        elif self.augment == "imagenet_simple":
-            x = tf.image.stateless_random_crop(self._resize(img), [s, s, 3], seed=seeds[0])
-        else:  # imagenet_inception
-            begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-                tf.shape(img), tf.zeros([1, 0, 4], tf.float32), seed=seeds[0],
-                min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
-                area_range=(0.08, 1.0), max_attempts=100, use_image_if_no_bounding_boxes=True)
-            x = tf.image.resize(tf.slice(img, begin, size), [s, s], method="bilinear",
-                                antialias=True)
-        x = tf.image.stateless_random_flip_left_right(x, seed=seeds[1])
-        x = self._normalise(x)
-        if self.cutout:
-            c = tf.random.stateless_uniform([2], seeds[2], minval=0, maxval=s, dtype=tf.int32)
-            lo = c - self.cutout // 2
-            ys, xs = tf.range(s)[:, None], tf.range(s)[None, :]
-            inside = ((ys >= lo[0]) & (ys < lo[0] + self.cutout)
-                      & (xs >= lo[1]) & (xs < lo[1] + self.cutout))
-            x = x * (1.0 - tf.cast(inside, tf.float32))[:, :, None]
-        return x
-
-    def _normalise(self, x):
-        scale = (1.0 / (255.0 * self.std)).astype(np.float32)
-        bias = (-self.mean / self.std).astype(np.float32)
-        return x * scale + bias
+        """Encoded image, seed int64 [2] -> augmented float32 [S, S, 3]
+        (``augment.tf_train_transform``)."""
+        return augment_lib.tf_train_transform(
+            data, seed, augment=self.augment, size=self.size, resize_mode=self.resize_mode,
+            cutout=self.cutout, mean=self.mean, std=self.std, fixed_hw=self.fixed_hw)
 
 
 def _options(tf):

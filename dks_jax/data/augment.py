@@ -1,0 +1,278 @@
+"""The augmentations of both loaders, each one's JAX and tf.data versions side by side.
+
+JAX versions work on a batch inside ``jax.jit`` (the in-memory loader, ``in_memory.py``); tf.data
+versions (``tf_*``) work on one example inside a ``tf.data`` map (the streaming loader,
+``streaming.py``). ``S = image_size``; ``R = resize_size(S) = round(S * 256 / 224)`` (256 for 224).
+
+* ``cifar``: zero-pad 4, random ``S x S`` crop, horizontal flip (images must be ``S x S``).
+  JAX: ``pad_crop_flip``; tf.data: ``tf_pad_crop_flip``.
+* ``imagenet_simple`` (tf.data only): resize to ``R x R`` (``resize_mode='both_sides'``, as the
+  DKS paper does) or the shorter side to ``R`` (``'shorter_side'``), random ``S x S`` crop, flip.
+* ``imagenet_inception`` (tf.data only): Inception-style random-resized crop (area 8%-100% of the
+  image, aspect ratio 3/4-4/3, at least 10% of the image covered, 100 attempts, else the whole
+  image), resized to ``S x S``, flip.
+* ``none`` and evaluation: the image itself if it is ``S x S``, else (tf.data only) resize as
+  above and take the central ``S x S`` crop.
+
+Then per-channel mean/std normalisation (``normalise`` / ``tf_normalise``) and, if configured,
+Cutout (``apply_cutout`` / ``tf_apply_cutout``: a ``cutout x cutout`` square of zeros after normalisation,
+centred uniformly in the image and clipped at its border, as in DeVries & Taylor).
+
+Random numbers: the JAX versions take parameters drawn for a whole global batch from one key
+(``augment_params``), so a batch does not depend on the number of devices; the tf.data versions
+draw from stateless per-example seeds (``int64 [2]``), so they do not depend on the number of
+processes or on ``tf.data`` threading. The two loaders apply the same transformations, but with
+different random draws: with augmentation off they give the same batches.
+
+TensorFlow is imported on first use of a ``tf_*`` function (``import_tf``), never when this module
+is imported.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+PAD = 4  # the cifar augmentation's zero padding, each side
+
+
+def import_tf():
+    """TensorFlow, imported on first use, with its GPUs hidden (JAX owns the accelerators)."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError):  # already initialised: nothing to do
+        pass
+    return tf
+
+
+# ----------------------------------------------------------------------------- normalisation
+
+
+def normalise(images, mean, std):
+    """JAX: uint8 [..., C] -> float32 [..., C], ``(x / 255 - mean) / std`` per channel.
+
+    ``mean``, ``std``: C floats in [0, 1] units.
+    """
+    scale = np.asarray(1.0 / (255.0 * np.asarray(std)), np.float32)
+    bias = np.asarray(-np.asarray(mean) / np.asarray(std), np.float32)
+    return images.astype(jnp.float32) * scale + bias
+
+
+def tf_normalise(x, mean, std):
+    """tf.data: float32 [H, W, C] in [0, 255] -> float32 [H, W, C], ``(x / 255 - mean) / std``."""
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    scale = (1.0 / (255.0 * std)).astype(np.float32)
+    bias = (-mean / std).astype(np.float32)
+    return x * scale + bias
+
+
+# ----------------------------------------------------------------------------- cifar
+
+
+def pad_crop_flip(images, offset, flip):
+    """JAX: uint8 [b, H, W, C] -> uint8 [b, H, W, C]: zero-pad ``PAD``, crop ``H x W`` at
+    ``offset`` (int32 [b, 2], each in [0, 2 * PAD]), mirror left-right where ``flip`` (bool [b])."""
+    b, h, w, c = images.shape
+    padded = jnp.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD), (0, 0)))
+    crop = lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c))
+    images = jax.vmap(crop)(padded, offset)
+    return jnp.where(flip[:, None, None, None], images[:, :, ::-1], images)
+
+
+def tf_pad_crop_flip(img, size: int, seeds):
+    """tf.data: uint8 [S, S, 3] -> float32 [S, S, 3] in [0, 255]: zero-pad ``PAD``, random
+    ``S x S`` crop (seed ``seeds[0]``), flip (``seeds[1]``); ``seeds``: int64 [>= 2, 2]."""
+    tf = import_tf()
+    img = tf.pad(img, [[PAD, PAD], [PAD, PAD], [0, 0]])
+    x = tf.cast(tf.image.stateless_random_crop(img, [size, size, 3], seed=seeds[0]), tf.float32)
+    return tf.image.stateless_random_flip_left_right(x, seed=seeds[1])
+
+
+# ----------------------------------------------------------------------------- imagenet_simple
+
+
+def resize_size(image_size: int) -> int:
+    """``R``: the side images are resized to before an ``image_size`` crop (256 for 224)."""
+    return int(round(image_size * 256 / 224))
+
+
+def tf_resize(img, size: int, resize_mode: str):
+    """tf.data: uint8 [H, W, 3] -> float32 [R, R, 3] (``'both_sides'``) or float32 [H', W', 3]
+    with the shorter side ``R`` (``'shorter_side'``); bilinear, antialiased. ``R = resize_size(size)``.
+    """
+    tf = import_tf()
+    r = resize_size(size)
+    if resize_mode == "both_sides":
+        new = tf.constant([r, r])
+    else:
+        hw = tf.cast(tf.shape(img)[:2], tf.float32)
+        new = tf.cast(tf.round(hw * r / tf.reduce_min(hw)), tf.int32)
+        new = tf.maximum(new, r)
+    return tf.image.resize(img, new, method="bilinear", antialias=True)
+
+
+def tf_resize_crop_flip(img, size: int, resize_mode: str, seeds):
+    """tf.data: uint8 [H, W, 3] -> float32 [S, S, 3] in [0, 255]: ``tf_resize``, random ``S x S``
+    crop (seed ``seeds[0]``), flip (``seeds[1]``)."""
+    tf = import_tf()
+    x = tf.image.stateless_random_crop(tf_resize(img, size, resize_mode), [size, size, 3],
+                                       seed=seeds[0])
+    return tf.image.stateless_random_flip_left_right(x, seed=seeds[1])
+
+
+# ----------------------------------------------------------------------------- imagenet_inception
+
+
+def tf_inception_crop_flip(img, size: int, seeds):
+    """tf.data: uint8 [H, W, 3] -> float32 [S, S, 3] in [0, 255]: Inception-style random-resized
+    crop (seed ``seeds[0]``), resized to ``S x S``, flip (``seeds[1]``)."""
+    tf = import_tf()
+    begin, box, _ = tf.image.stateless_sample_distorted_bounding_box(
+        tf.shape(img), tf.zeros([1, 0, 4], tf.float32), seed=seeds[0],
+        min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
+        area_range=(0.08, 1.0), max_attempts=100, use_image_if_no_bounding_boxes=True)
+    x = tf.image.resize(tf.slice(img, begin, box), [size, size], method="bilinear",
+                        antialias=True)
+    return tf.image.stateless_random_flip_left_right(x, seed=seeds[1])
+
+
+# ----------------------------------------------------------------------------- none / evaluation
+
+
+def tf_central_crop(x, size: int):
+    """tf.data: float32 [H, W, C] with H, W >= S -> its central float32 [S, S, C]."""
+    tf = import_tf()
+    hw = tf.shape(x)[:2]
+    return tf.slice(x, tf.stack([(hw[0] - size) // 2, (hw[1] - size) // 2, 0]), [size, size, 3])
+
+
+# ----------------------------------------------------------------------------- cutout
+
+
+def cutout_mask(centre, hw, size: int):
+    """JAX: float32 [b, H, W]: 0 inside the square [c - size//2, c - size//2 + size), else 1.
+
+    ``centre``: int32 [b, 2] (row, column); ``hw``: (H, W).
+    """
+    lo = centre - size // 2
+    ys = jnp.arange(hw[0])[None, :]
+    xs = jnp.arange(hw[1])[None, :]
+    in_y = (ys >= lo[:, :1]) & (ys < lo[:, :1] + size)
+    in_x = (xs >= lo[:, 1:]) & (xs < lo[:, 1:] + size)
+    return 1.0 - (in_y[:, :, None] & in_x[:, None, :]).astype(jnp.float32)
+
+
+def apply_cutout(x, centre, size: int):
+    """JAX: float32 [b, H, W, C] -> float32 [b, H, W, C], zero on each image's ``size x size``
+    square around ``centre`` (int32 [b, 2]; see ``cutout_mask``)."""
+    return x * cutout_mask(centre, x.shape[1:3], size)[..., None]
+
+
+def tf_apply_cutout(x, image_size: int, size: int, seed):
+    """tf.data: float32 [S, S, C] (``S = image_size``) -> float32 [S, S, C], zero on a
+    ``size x size`` square whose centre is uniform in the image (seed: int64 [2])."""
+    tf = import_tf()
+    s = image_size
+    c = tf.random.stateless_uniform([2], seed, minval=0, maxval=s, dtype=tf.int32)
+    lo = c - size // 2
+    ys, xs = tf.range(s)[:, None], tf.range(s)[None, :]
+    inside = ((ys >= lo[0]) & (ys < lo[0] + size)
+              & (xs >= lo[1]) & (xs < lo[1] + size))
+    return x * (1.0 - tf.cast(inside, tf.float32))[:, :, None]
+
+
+# ----------------------------------------------------------------------------- whole transforms: JAX
+
+
+def augment_params(key, global_batch: int, hw: tuple[int, int], *, augment: str,
+                   cutout: int) -> dict:
+    """JAX: the random parameters of one global batch of ``B`` images of size ``hw`` (replicated;
+    tiny): ``offset`` int32 [B, 2] and ``flip`` bool [B] for ``augment='cifar'``, ``centre`` int32
+    [B, 2] for Cutout; none for what is off."""
+    k_crop, k_flip, k_cut = jax.random.split(key, 3)
+    params = {}
+    if augment == "cifar":
+        params["offset"] = jax.random.randint(k_crop, (global_batch, 2), 0, 2 * PAD + 1)
+        params["flip"] = jax.random.bernoulli(k_flip, 0.5, (global_batch,))
+    if cutout:
+        params["centre"] = jnp.stack(
+            [jax.random.randint(jax.random.fold_in(k_cut, i), (global_batch,), 0, hw[i])
+             for i in range(2)], axis=1)
+    return params
+
+
+def transform(images, params, *, augment: str, cutout: int, mean, std):
+    """JAX: uint8 [b, H, W, C] -> normalised float32 [b, H, W, C] with the given random
+    parameters (``augment_params``, or this device's rows of them). ``augment``: ``'cifar'`` or
+    ``'none'``; ``cutout``: square side, 0 = off."""
+    if augment == "cifar":
+        images = pad_crop_flip(images, params["offset"], params["flip"])
+    x = normalise(images, mean, std)
+    if cutout:
+        x = apply_cutout(x, params["centre"], cutout)
+    return x
+
+
+# ----------------------------------------------------------------------------- whole transforms: tf.data
+
+
+def tf_decode(data):
+    """tf.data: encoded image (string scalar) -> uint8 [H, W, 3]; JPEG with the exact-DCT decoder
+    (bit-identical to PIL), other formats with ``decode_image``."""
+    tf = import_tf()
+    return tf.cond(
+        tf.io.is_jpeg(data),
+        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(data, channels=3, expand_animations=False),
+    )
+
+
+def tf_check_size(img, hw: tuple[int, int]):
+    """tf.data: ``img`` (uint8 [H, W, 3]) unchanged; an error when (H, W) is not ``hw``."""
+    tf = import_tf()
+    h, w = hw
+    ok = tf.debugging.assert_equal(
+        tf.shape(img)[:2], tf.constant([h, w]),
+        message=f"an image is not {h}x{w} (mixed sizes; the 'cifar'/'none' augmentations "
+                "need one size)")
+    with tf.control_dependencies([ok]):
+        return tf.identity(img)
+
+
+def tf_eval_transform(data, *, size: int, resize_mode: str, mean, std, fixed_hw):
+    """tf.data: encoded image -> normalised float32 [S, S, 3] for evaluation (and
+    ``augment='none'``): the image itself when the data set's fixed size ``fixed_hw`` is
+    ``S x S`` (checked), else ``tf_resize`` and the central crop."""
+    tf = import_tf()
+    img = tf_decode(data)
+    if fixed_hw == (size, size):
+        x = tf.cast(tf_check_size(img, fixed_hw), tf.float32)
+    else:
+        x = tf_central_crop(tf_resize(img, size, resize_mode), size)
+    return tf_normalise(x, mean, std)
+
+
+def tf_train_transform(data, seed, *, augment: str, size: int, resize_mode: str, cutout: int,
+                       mean, std, fixed_hw):
+    """tf.data: encoded image, per-example seed (int64 [2]) -> augmented, normalised float32
+    [S, S, 3] for training. ``fixed_hw``: the data set's fixed (H, W), or None."""
+    tf = import_tf()
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    if augment == "none":
+        return tf_eval_transform(data, size=size, resize_mode=resize_mode, mean=mean, std=std,
+                                 fixed_hw=fixed_hw)
+    img = tf_decode(data)
+    if augment == "cifar":
+        x = tf_pad_crop_flip(tf_check_size(img, fixed_hw), size, seeds)
+    elif augment == "imagenet_simple":
+        x = tf_resize_crop_flip(img, size, resize_mode, seeds)
+    else:  # imagenet_inception
+        x = tf_inception_crop_flip(img, size, seeds)
+    x = tf_normalise(x, mean, std)
+    if cutout:
+        x = tf_apply_cutout(x, size, cutout, seeds[2])
+    return x
