@@ -24,8 +24,10 @@ $(STAMP): setup.py pyproject.toml constraints.txt | python-version
 
 venv: $(STAMP)
 
+# ruff, then the type checker (mypy on dks_jax/, settings in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # The default suite (about 9 minutes on 2 CPU cores); the slowest tests are listed at the end.
 test: $(STAMP) lint

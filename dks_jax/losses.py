@@ -297,11 +297,11 @@ def synergy_loss(
         mask = mask.astype(w.dtype)
         w = w * mask[teachers] * mask[students]
     log_p = [jax.nn.log_softmax(_float(z) / temperature, axis=-1) for z in heads]
-    total = 0.0
+    total: jax.Array | float = 0.0
     for i, (m, n) in enumerate(pair_tuple):
         teacher = jax.lax.stop_gradient(log_p[m])
         total = total + w[i] * _soft_target_loss(teacher, log_p[n], divergence)
-    return temperature**2 * total
+    return jnp.asarray(temperature**2 * total)
 
 
 def byot_feature_loss(features: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
@@ -395,13 +395,13 @@ def dsn_companion_loss(
         raise ValueError(f"{fn}: {len(classifier_sq_norms)} classifier norms for "
                          f"{len(heads) - 1} auxiliary heads")
     per_example = cross_entropy if companion == "ce" else _squared_hinge
-    loss = 0.0
+    loss: jax.Array | float = 0.0
     for i, z in enumerate(heads[1:]):
         inside = jnp.mean(per_example(z, labels)) - gamma
         if classifier_sq_norms is not None:
             inside = inside + jnp.asarray(classifier_sq_norms[i], jnp.float32)
         loss = loss + alpha_vec[i] * jnp.maximum(0.0, inside)
-    return loss
+    return jnp.asarray(loss)
 
 
 def dsn_alpha_scale(step, total_steps: int, zero_fraction: float = 1.0, form: str = "linear"):
@@ -701,7 +701,7 @@ def objective(
     aux_ce = method in ("ds", "dks", "dhm") or (
         method == "kd" and num_heads > 1 and bool(np.any(np.asarray(spec.alpha) > 0))
     )
-    if aux_ce:
+    if aux_ce and alphas is not None:  # alphas is None only with one head: no auxiliary CE
         for h in range(1, num_heads):
             terms[f"ce/{h}"], weights[f"ce/{h}"] = ce(h), alphas[h - 1]
 
@@ -734,7 +734,7 @@ def objective(
         _check_temperature(spec.temperature, fn)
         teacher = jax.lax.stop_gradient(
             jax.nn.log_softmax(_float(heads[0]) / spec.temperature, axis=-1))
-        hints = byot_feature_loss(features) if spec.byot_lambda > 0 else None
+        hints = byot_feature_loss(features) if spec.byot_lambda > 0 and features is not None else None
         for h in range(1, num_heads):
             terms[f"ce/{h}"], weights[f"ce/{h}"] = ce(h), 1.0 - spec.byot_alpha
             student = jax.nn.log_softmax(_float(heads[h]) / spec.temperature, axis=-1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -152,7 +153,7 @@ def create_writer(workdir, *, console: bool = True) -> MultiWriter:
     if jax.process_index() != 0:
         return MultiWriter([])
     workdir = paths.as_path(workdir)
-    writers = [JsonlWriter(workdir / METRICS_FILE)]
+    writers: list[Any] = [JsonlWriter(workdir / METRICS_FILE)]  # anything with write_scalars
     if console:
         writers.append(ConsoleWriter())
     if tensorflow_available():

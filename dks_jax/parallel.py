@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -73,7 +74,7 @@ class InFlight:
         if max_launches < 1:
             raise ValueError(f"max_launches must be >= 1, got {max_launches}")
         self.max_launches = max_launches
-        self._pending = collections.deque()
+        self._pending: collections.deque[tuple[Any, int]] = collections.deque()  # (outputs, launches)
         self._count = 0
 
     def add(self, outputs, launches: int = 1) -> None:

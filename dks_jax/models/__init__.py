@@ -22,6 +22,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -87,13 +88,13 @@ def _select(name: str, aux: str, branches) -> tuple[BranchSpec, ...]:
             raise ValueError(f"cannot read branches={branches!r}; write e.g. 'C1C2C3' or 'C2,C3'")
     else:
         wanted = [str(b).upper() for b in branches]
-    wanted = {w for w in wanted if w != "C1"}  # C1 is the main classifier, always present
+    heads = {w for w in wanted if w != "C1"}  # C1 is the main classifier, always present
     known = {b.name for b in available}
-    if wanted - known:
+    if heads - known:
         raise ValueError(
-            f"{name} aux={aux!r} has branches {sorted(known)}; unknown {sorted(wanted - known)}"
+            f"{name} aux={aux!r} has branches {sorted(known)}; unknown {sorted(heads - known)}"
         )
-    return tuple(b for b in available if b.name in wanted)  # deepest first
+    return tuple(b for b in available if b.name in heads)  # deepest first
 
 
 def create(
@@ -229,7 +230,7 @@ def complexity(
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     with layers.count_macs() as macs:
         jax.eval_shape(forward, state, x)
-    result = {
+    result: dict[str, Any] = {
         "main": {"params": _count(main_params), "macs": macs.get("main", 0)},
         "branches": [
             {

@@ -66,24 +66,35 @@ class BranchSpec:
     default: bool = True
 
 
+class Block(Protocol):
+    """A stem or one block of a stage (an ``nnx.Module``): NHWC ``float[B, H, W, C_in]`` ->
+    ``float[B, H', W', out_features]`` in the compute dtype."""
+
+    out_features: int
+
+    def __call__(
+        self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None
+    ) -> jax.Array: ...
+
+
 class Family(Protocol):
     """What a backbone family gives the generic builders (see cifar_resnet.py for an example)."""
 
     strides: tuple[int, ...]
 
-    def stem(self, cfg: layers.LayerConfig, rngs: nnx.Rngs) -> nnx.Module: ...
+    def stem(self, cfg: layers.LayerConfig, rngs: layers.InitRngs) -> Block: ...
 
     def stage(
         self, index: int, in_features: int, spec: StageSpec, cfg: layers.LayerConfig,
-        rngs: nnx.Rngs,
-    ) -> list[nnx.Module]: ...
+        rngs: layers.InitRngs,
+    ) -> list[Block]: ...
 
     def head_norm(self, features: int, cfg: layers.LayerConfig) -> nnx.Module | None: ...
 
 
 def build_stage(
     family: Family, index: int, in_features: int, spec: StageSpec, cfg: layers.LayerConfig,
-    rngs: nnx.Rngs,
+    rngs: layers.InitRngs,
 ) -> nnx.List:
     """The stage at position ``index`` (for its default stride) from ``in_features`` channels."""
     if spec.blocks < 1:
@@ -91,6 +102,8 @@ def build_stage(
     if spec.kind == "family":
         blocks = family.stage(index, in_features, spec, cfg, rngs)
     elif spec.kind == "conv":
+        if not isinstance(spec.width, int):
+            raise ValueError(f"a conv stage has one width for all its layers: {spec}")
         stride = 1 if spec.stride is None else spec.stride
         blocks, ch = [], in_features
         for i in range(spec.blocks):
@@ -120,10 +133,10 @@ class Branch(nnx.Module):
         num_classes: int,
         *,
         cfg: layers.LayerConfig,
-        rngs: nnx.Rngs,
+        rngs: layers.InitRngs,
     ):
         first = spec.after + 1 if isinstance(spec.after, int) else spec.after[0]
-        self.stages = nnx.List()
+        self.stages: nnx.List[nnx.List] = nnx.List()
         ch = in_features
         for j, stage_spec in enumerate(spec.stages):
             stage = build_stage(family, first + j, ch, stage_spec, cfg, rngs)
@@ -142,14 +155,14 @@ class Branch(nnx.Module):
         else:
             ch = spec.conv or ch
             features = ch * spec.pooled * spec.pooled
-        self.hidden = nnx.List()
+        self.hidden: nnx.List[layers.Linear] = nnx.List()
         for width in spec.hidden:
             self.hidden.append(layers.Linear(features, width, dtype=cfg.dtype, rngs=rngs))
             features = width
         self.fc = layers.Linear(features, num_classes, dtype=cfg.dtype, rngs=rngs)
         # BYOT's adaptation ("bottleneck") layer, set by Network(feature_adapters=True): the
         # classifier's input feature -> the main path's width, for losses.byot_feature_loss.
-        self.adapter = nnx.data(None)
+        self.adapter: layers.Linear | None = nnx.data(None)
 
     def features(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None,
                  every_block: bool = False):

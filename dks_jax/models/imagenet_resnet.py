@@ -104,7 +104,7 @@ class ImageNetResNet:
 
 def _paper(c3: tuple[int, int], c2: int, c4: bool = False) -> tuple[BranchSpec, ...]:
     """C2 after conv4_x: conv5_x [1024 planes] x c2; C3 after conv3_x: [256] x c3[0], [512] x c3[1]."""
-    branches = (
+    branches: tuple[BranchSpec, ...] = (
         BranchSpec("C2", after=2, stages=(StageSpec(c2, 1024),)),
         BranchSpec("C3", after=1, stages=(StageSpec(c3[0], 256), StageSpec(c3[1], 512))),
     )

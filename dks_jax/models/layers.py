@@ -93,7 +93,7 @@ class Conv(nnx.Module):
         padding: int | None = None,
         groups: int = 1,
         dtype=jnp.float32,
-        rngs: nnx.Rngs,
+        rngs: InitRngs,
     ):
         if in_features % groups or out_features % groups:
             raise ValueError(f"groups={groups} must divide {in_features} and {out_features}")
@@ -127,7 +127,7 @@ def _torch_linear_init(fan_in: int):
 class Linear(nnx.Module):
     """Fully connected layer with PyTorch's default initialisation."""
 
-    def __init__(self, in_features: int, out_features: int, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    def __init__(self, in_features: int, out_features: int, *, dtype=jnp.float32, rngs: InitRngs):
         init = _torch_linear_init(in_features)
         self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features)))
         self.bias = nnx.Param(init(rngs.params(), (out_features,)))
@@ -212,7 +212,7 @@ class ConvBN(nnx.Module):
         relu: bool = True,
         zero_init: bool = False,
         cfg: LayerConfig,
-        rngs: nnx.Rngs,
+        rngs: InitRngs,
     ):
         self.conv = Conv(
             in_features, out_features, kernel_size, stride=stride, groups=groups,
@@ -255,6 +255,10 @@ class KeySeq:
         key = jax.random.fold_in(self.key, self.count)
         self.count += 1
         return key
+
+
+# What layer constructors draw their initialisation keys from (``rngs.params()``).
+InitRngs = nnx.Rngs | KeySeq
 
 
 class LayerConfig:

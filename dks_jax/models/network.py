@@ -51,13 +51,13 @@ class Network(nnx.Module):
         num_classes: int,
         *,
         cfg: layers.LayerConfig,
-        rngs: nnx.Rngs,
+        rngs: layers.InitRngs,
         feature_adapters: bool = False,
     ):
         self.dtype = cfg.dtype
         self.num_classes = num_classes
         self.stem = family.stem(cfg, rngs)
-        self.stages = nnx.List()
+        self.stages: nnx.List[nnx.List] = nnx.List()
         ch = self.stem.out_features
         # channels after every block: {(stage, blocks done): channels}
         channels = {}
@@ -71,14 +71,16 @@ class Network(nnx.Module):
         self.fc = layers.Linear(ch, num_classes, dtype=cfg.dtype, rngs=rngs)
 
         taps = []
-        self.branches = nnx.List()
-        for spec in branches:
-            tap = self._tap(spec.after)
+        self.branches: nnx.List[Branch] = nnx.List()
+        for branch_spec in branches:
+            tap = self._tap(branch_spec.after)
             if tap not in channels:
-                raise ValueError(f"branch {spec.name} forks at {spec.after}: no such position")
+                raise ValueError(
+                    f"branch {branch_spec.name} forks at {branch_spec.after}: no such position"
+                )
             taps.append(tap)
             self.branches.append(
-                Branch(family, spec, channels[tap], num_classes, cfg=cfg, rngs=rngs)
+                Branch(family, branch_spec, channels[tap], num_classes, cfg=cfg, rngs=rngs)
             )
         if feature_adapters:  # after every branch: the branches' initialisation stays the same
             for branch in self.branches:
@@ -90,7 +92,8 @@ class Network(nnx.Module):
     def _tap(self, after: int | tuple[int, int]) -> tuple[int, int]:
         if isinstance(after, int):
             return (after, len(self.stages[after]))
-        return tuple(after)
+        stage, blocks = after
+        return (stage, blocks)
 
     @property
     def num_heads(self) -> int:
@@ -166,7 +169,7 @@ class Network(nnx.Module):
                 feats.append(out[1])
             else:
                 logits.append(out)
-        logits = tuple(z.astype(jnp.float32) for z in logits)
+        heads = tuple(z.astype(jnp.float32) for z in logits)
         if return_features:
-            return logits, tuple(f.astype(jnp.float32) for f in feats)
-        return logits
+            return heads, tuple(f.astype(jnp.float32) for f in feats)
+        return heads
