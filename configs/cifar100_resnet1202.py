@@ -1,6 +1,20 @@
 """DKS Table 1 / section 4.3 (CIFAR-100): ResNet-1202 with three shallow-but-wide branches.
 
 Usage: --config=configs/cifar100_resnet1202.py:dks (the preset is the method; default dks).
+
+Recipe: ``base()``, then ``config_base.cifar_resnet_recipe``, then this file
+(the default preset's values; all the recipes side by side: docs/design.md, "The papers' recipes"):
+
+    model          cifar_resnet1202, aux "paper": C2, C3, C4, plain 3x3 conv layers forking
+                   inside the last stage (docs/models.md)
+    data           cifar100; augment "cifar": zero-pad 4, random 32x32 crop, horizontal flip
+    epochs, batch  200, 64
+    learning rate  0.1, step schedule: x0.1 at epochs 60, 120, 180
+    optimizer      SGD, momentum 0.9, Nesterov off; weight decay 1e-4 (coupled L2, every parameter)
+    method         the preset (default dks): alpha 1.0 (each auxiliary CE), beta 1.0 (each
+                   synergy pair), pairs bidirectional, temperature 1, divergence ce; baseline
+                   trains with aux "none"; byot: temperature 3, divergence kl
+    source         DKS Table 1 / section 4.3 (CIFAR-100)
 """
 
 from dks_jax import config_base

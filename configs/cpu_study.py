@@ -10,6 +10,21 @@ C2 [64] x 2 after conv3_x, C3 [16] x 2, [32] x 1 after conv2_x; DKS Table 6's "N
 Presets ``<method>[,<noise>]``: method baseline | ds | dks | dhm, noise the fraction of training
 labels replaced by another class (default 0; the study's noisy setting is 0.5, as in DKS
 section 4.3). Example: --config=configs/cpu_study.py:dks,0.5
+
+Recipe: ``base()``, then ``config_base.cifar_resnet_recipe``, then this file
+(the default preset's values; all the recipes side by side: docs/design.md, "The papers' recipes"):
+
+    model          cifar_resnet14, aux "narrow" (C2, C3)
+    data           cifar10: 10,000 training images (train_examples 10000), in-memory loader, all
+                   10,000 test images (eval batch 500); label_noise = the preset's fraction
+                   (default 0); augment "cifar": zero-pad 4, random 32x32 crop, horizontal flip
+    epochs, batch  12, 64
+    learning rate  0.1, cosine decay to 0 after a linear warm-up of 0.5 epoch
+    optimizer      SGD, momentum 0.9, Nesterov off; weight decay 1e-4 (coupled L2, every parameter)
+    method         the preset's (default dks): alpha 1.0 (each auxiliary CE), beta 1.0 (each
+                   synergy pair), pairs bidirectional, temperature 1, divergence ce; baseline
+                   trains with aux "none"; dhm: each branch takes part with probability 0.5
+    source         no paper table: the CPU study (results/cpu_study/README.md)
 """
 
 from dks_jax import config_base

@@ -2,6 +2,20 @@
 
 Presets: a CIFAR backbone name (default cifar_resnet32); every branch takes part in an epoch with
 probability ``loss.mimic_prob`` (0.5), drawn once per epoch.
+
+Recipe: ``base()``, then the backbone's recipe of ``config_base`` (RECIPES below), then this file
+(all the recipes side by side: docs/design.md, "The papers' recipes"):
+
+    model          the preset (default cifar_resnet32), aux "paper" (C2, C3; docs/models.md)
+    data           cifar100; augment "cifar": zero-pad 4, random 32x32 crop, horizontal flip
+    epochs, batch  ResNet, MobileNet: 200, 64; DenseNet: 300, 64; WRN: 200, 128
+    learning rate  0.1; step schedule x0.1 at epochs 60, 120, 180 (ResNet, MobileNet; the
+                   default), x0.1 at 150, 225 (DenseNet), x0.2 at 60, 120, 160 (WRN)
+    optimizer      SGD, momentum 0.9, Nesterov on for DenseNet only; weight decay 1e-4 (WRN:
+                   5e-4), coupled L2 on every parameter
+    method         dhm: mimic_prob 0.5, alpha 1.0 (each auxiliary CE), beta 1.0 (each synergy
+                   pair), pairs bidirectional, temperature 1, divergence ce
+    source         DHM supplement D
 """
 
 from dks_jax import config_base

@@ -7,6 +7,18 @@ batch 64, Nesterov SGD, learning rate 0.2 on a cosine schedule with a short warm
 overfitting). The evaluation covers all 10,000 test images. Progress, per-head accuracy, a checkpoint
 and an export land in the workdir. The images come from ``data_dir`` (``make demo`` points it at
 ../shared/data when that exists, which holds cifar10-jpeg.tar.gz), otherwise TFDS downloads CIFAR-10.
+
+Recipe: ``base()``, then ``config_base.cifar_resnet_recipe``, then this file
+(all the recipes side by side: docs/design.md, "The papers' recipes"):
+
+    model          cifar_resnet8, aux "narrow" (C2, C3)
+    data           cifar10, in-memory loader, augment "none"; all 10,000 test images (eval batch 500)
+    epochs, batch  0.65, 64
+    learning rate  0.2, cosine decay to 0 after a linear warm-up of 0.05 epoch
+    optimizer      SGD, momentum 0.9, Nesterov on; weight decay 1e-4 (coupled L2, every parameter)
+    method         dks: alpha 1.0 (each auxiliary CE), beta 1.0 (each synergy pair), pairs
+                   bidirectional, temperature 1, divergence ce
+    source         no paper table: the demo
 """
 
 from dks_jax import config_base
