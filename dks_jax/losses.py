@@ -17,6 +17,9 @@ Conventions (DESIGN.md):
   constant soft target (``jax.lax.stop_gradient``): no gradient ever flows into the teacher through
   its pair.
 - Every scalar loss is a batch mean.
+- Dtypes: logits may be any float dtype; softmax-based terms are computed in at least float32
+  (bf16 logits are upcast first), so a loss of float32 or bf16 logits is a ``float32[]`` scalar
+  (float64 logits give float64).
 
 Bad input that can be detected while tracing (a single head given to a pairwise loss, heads of
 different shapes, an unknown strategy or method, weights of the wrong size, a pair index out of
@@ -152,12 +155,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     """Softmax cross-entropy with integer labels, per example.
 
     Args:
-      logits: ``[B, K]`` (any leading dims ``[..., K]``).
-      labels: int ``[B]`` (the logits' leading dims), values in ``[0, K)``.
+      logits: ``float[B, K]``, any float dtype (any leading dims ``[..., K]``).
+      labels: ``int[B]`` (the logits' leading dims), values in ``[0, K)``.
       label_smoothing: ``eps`` in ``[0, 1]``; the target is ``(1 - eps) * one_hot + eps / K``.
 
     Returns:
-      ``[B]``: ``-sum_k target_k * log_softmax(logits)_k``.
+      ``float32[B]`` (float64 for float64 logits): ``-sum_k target_k * log_softmax(logits)_k``.
     """
     logits = jnp.asarray(logits)
     if logits.ndim < 1:
@@ -254,7 +257,8 @@ def synergy_loss(
     independent of ``T``); ``T = 1`` is the paper.
 
     Args:
-      logits: tuple of ``num_heads >= 2`` arrays ``[B, K]`` (heads order of the module docstring).
+      logits: tuple of ``num_heads >= 2`` arrays ``float[B, K]`` (heads order of the module
+        docstring).
       pairs: a strategy name (see ``pair_set``) or an explicit sequence of ``(teacher, student)``.
       weights: ``beta``: a scalar, one weight per pair (in the order of ``pairs``), or a
         ``[num_heads, num_heads]`` matrix indexed ``[teacher, student]`` (diagonal unused).
@@ -262,12 +266,12 @@ def synergy_loss(
       divergence: ``"ce"`` (the paper) or ``"kl"``: ``KL(p || q) = H(p, q) - H(p)``. Since ``p`` is
         a constant, both give the same gradients; ``"kl"`` is what the authors' code logs (0 when
         the heads agree).
-      head_mask: optional bool ``[num_heads]``; every pair touching a head whose entry is False is
+      head_mask: optional ``bool[num_heads]``; every pair touching a head whose entry is False is
         dropped (DHM's Bernoulli sampling, see ``mimicking_mask``). The remaining pairs are summed,
         not re-normalised. May be traced.
 
     Returns:
-      Scalar.
+      ``float32[]`` scalar.
     """
     fn = "synergy_loss"
     heads = _check_heads(logits, fn, min_heads=2)
@@ -309,7 +313,8 @@ def byot_feature_loss(features: Sequence[jax.Array]) -> tuple[jax.Array, ...]:
 
     ``features[0]`` is the deepest classifier's feature (a constant target: ``stop_gradient``),
     ``features[h]`` the shallow classifier ``h``'s feature after its bottleneck (adaptation) layer,
-    all ``[B, D]``. Returns one batch-mean squared L2 distance per shallow head.
+    all ``float[B, D]``. Returns one batch-mean squared L2 distance per shallow head: a tuple of
+    ``num_heads - 1`` scalars ``[]`` in the features' dtype.
     """
     fn = "byot_feature_loss"
     feats = _check_heads(features, fn, min_heads=2)
@@ -323,12 +328,12 @@ def deep_supervision_loss(
     """Deep supervision (DKS paper, eq. 3): ``mean_b CE(main) + sum_l alpha_l * mean_b CE(aux_l)``.
 
     Args:
-      logits: tuple of ``num_heads >= 1`` arrays ``[B, K]``; head 0 is the main classifier.
-      labels: int ``[B]``.
+      logits: tuple of ``num_heads >= 1`` arrays ``float[B, K]``; head 0 is the main classifier.
+      labels: ``int[B]``.
       aux_weights: ``alpha``: a scalar or one weight per auxiliary head (``num_heads - 1``).
 
     Returns:
-      Scalar.
+      ``float32[]`` scalar.
     """
     fn = "deep_supervision_loss"
     heads = _check_heads(logits, fn, min_heads=1)
@@ -369,7 +374,7 @@ def dsn_companion_loss(
     to the optimizer's weight decay: ``ObjectiveSpec(dsn_norm="weight_decay")``).
 
     Args:
-      logits: the full heads tuple, ``num_heads >= 2`` arrays ``[B, K]``. Head 0 (the main
+      logits: the full heads tuple, ``num_heads >= 2`` arrays ``float[B, K]``. Head 0 (the main
         classifier, DSN's overall objective) is not part of this term.
       labels: int ``[B]``.
       alphas: a scalar or one weight per auxiliary head (``num_heads - 1``); may be traced, e.g.
@@ -381,7 +386,7 @@ def dsn_companion_loss(
         scalars, in heads order; differentiable), or None.
 
     Returns:
-      Scalar.
+      ``float32[]`` scalar.
     """
     fn = "dsn_companion_loss"
     heads = _check_heads(logits, fn, min_heads=2)
@@ -470,12 +475,12 @@ def kd_loss(student_logits: jax.Array, teacher_logits: jax.Array, temperature: f
     teacher's entropy, a constant, so the gradients are Hinton's; KL is 0 when the two agree.
 
     Args:
-      student_logits: ``[B, K]``.
-      teacher_logits: ``[B, K]`` (same shape).
+      student_logits: ``float[B, K]``.
+      teacher_logits: ``float[B, K]`` (same shape).
       temperature: ``T > 0``.
 
     Returns:
-      Scalar.
+      ``float32[]`` scalar.
     """
     fn = "kd_loss"
     student = jnp.asarray(student_logits)
@@ -666,21 +671,22 @@ def objective(
       (``configs/`` BYOT presets use them). ``alpha``, ``beta`` and ``pairs`` are not used.
 
     Args:
-      logits: tuple of ``spec.num_heads`` arrays ``[B, K]`` (heads order of the module docstring).
-      labels: int ``[B]``.
+      logits: tuple of ``spec.num_heads`` arrays ``float[B, K]`` (heads order of the module
+        docstring).
+      labels: ``int[B]``.
       spec: an ``ObjectiveSpec`` (static under ``jax.jit``).
       step: int scalar, the global step (may be traced).
       rng: a PRNG key; used by ``dhm`` only (may be None otherwise). It must be the *same* key at
         every step of a run (e.g. derived from the seed once): the epoch is folded in here.
-      teacher_logits: ``[B, K]``, required for ``kd`` (ignored by the other methods).
+      teacher_logits: ``float[B, K]``, required for ``kd`` (ignored by the other methods).
       classifier_sq_norms: ``dsn`` with ``dsn_norm="inside"``: ``||w||^2`` of each auxiliary
         head's classifier (``num_heads - 1`` scalars).
-      features: ``byot`` with ``byot_lambda > 0``: ``num_heads`` arrays ``[B, D]``, the deepest
+      features: ``byot`` with ``byot_lambda > 0``: ``num_heads`` arrays ``float[B, D]``, the deepest
         feature first, then each shallow head's adapted feature (``model(x,
         return_features=True)`` of a model built with ``feature_adapters=True``).
 
     Returns:
-      ``(loss, terms)``: scalar loss and a flat dict ``str -> scalar``.
+      ``(loss, terms)``: the ``float32[]`` loss and a flat dict ``str -> float32[]`` of its terms.
     """
     fn = "objective"
     if not isinstance(spec, ObjectiveSpec):

@@ -162,7 +162,10 @@ def _main_and_branches(state: nnx.State) -> tuple[nnx.State, nnx.State]:
 
 
 def export_state(model: Network) -> nnx.State:
-    """The main path's parameters and BatchNorm statistics: the model's state minus its branches."""
+    """The main path's parameters and BatchNorm statistics: the model's state minus its branches.
+
+    Every leaf is a float32 array (parameters are float32 whatever the compute dtype).
+    """
     return _main_and_branches(nnx.state(model, nnx.Any(nnx.Param, nnx.BatchStat)))[0]
 
 

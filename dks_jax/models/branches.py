@@ -74,7 +74,9 @@ class Block(Protocol):
 
     def __call__(
         self, x: jax.Array, *, train: bool, rngs: nnx.Rngs | None = None
-    ) -> jax.Array: ...
+    ) -> jax.Array:
+        """``float[B, H, W, C_in]`` -> ``float[B, H', W', out_features]`` (compute dtype)."""
+        ...
 
 
 class Family(Protocol):
@@ -117,6 +119,8 @@ def build_stage(
 
 
 def run_stage(stage, x, *, train: bool, rngs: nnx.Rngs | None):
+    """The blocks of ``stage`` in order: ``float[B, H, W, C]`` -> the last block's output
+    ``[B, H', W', out_features]`` (compute dtype)."""
     for block in stage:
         x = block(x, train=train, rngs=rngs)
     return x
@@ -166,7 +170,8 @@ class Branch(nnx.Module):
 
     def features(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None,
                  every_block: bool = False):
-        """The last feature map before the classifier's pooling, [B, H, W, C].
+        """The last feature map before the classifier's pooling, ``[B, H, W, C]`` (compute dtype),
+        from the main path's map ``x`` at the fork, ``float[B, H_in, W_in, C_in]``.
 
         every_block: instead, ``{(branch stage, blocks done): map}`` after every block, in order
         (for ``dks_jax.analysis``).
@@ -182,7 +187,9 @@ class Branch(nnx.Module):
 
     def __call__(self, x, *, train: bool = False, rngs: nnx.Rngs | None = None,
                  return_feature: bool = False):
-        """Logits ``[B, K]``; with ``return_feature``, ``(logits, adapted feature [B, D])``."""
+        """``x``: the main path's map at the fork, ``float[B, H, W, C]``. Returns the logits
+        ``[B, K]`` in the compute dtype (``Network`` casts them to float32); with
+        ``return_feature``, ``(logits, adapted feature [B, D])``."""
         x = self.features(x, train=train, rngs=rngs)
         if self.pool is None:
             if self.norm is not None:

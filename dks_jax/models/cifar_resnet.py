@@ -51,6 +51,8 @@ class BasicBlock(nnx.Module):
         return x
 
     def __call__(self, x, *, train, rngs=None):
+        """``float[B, H, W, in_features]`` -> ``[B, ceil(H / stride), ceil(W / stride), width]``
+        (compute dtype). ``rngs`` is unused."""
         y = jax.nn.relu(self.bn1(self.conv1(x), train=train))
         y = self.bn2(self.conv2(y), train=train)
         return jax.nn.relu(y + self._shortcut(x))

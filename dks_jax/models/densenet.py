@@ -43,6 +43,8 @@ class DenseLayer(nnx.Module):
         self.out_features = in_features + growth
 
     def __call__(self, x, *, train, rngs=None):
+        """``float[B, H, W, C]`` -> ``[B, H, W, C + growth]``: ``x`` and the new features, in
+        ``x``'s dtype. ``rngs``: a ``dropout`` stream when training with dropout."""
         y = x
         if self.bottleneck is not None:
             bn, conv = self.bottleneck
@@ -62,6 +64,8 @@ class Transition(nnx.Module):
         self.out_features = out
 
     def __call__(self, x, *, train, rngs=None):
+        """``float[B, H, W, C]`` -> ``[B, H // 2, W // 2, floor(C * compression)]`` (compute
+        dtype). ``rngs``: a ``dropout`` stream when training with dropout."""
         y = self.conv(jax.nn.relu(self.bn(x, train=train)))
         y = layers.dropout(y, self.dropout, train=train, rngs=rngs)
         return layers.avg_pool(y, 2, 2)

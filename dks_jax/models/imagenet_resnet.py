@@ -30,6 +30,7 @@ class Stem(nnx.Module):
         self.out_features = 64
 
     def __call__(self, x, *, train, rngs=None):
+        """``float[B, H, W, 3]`` -> ``[B, ceil(H / 4), ceil(W / 4), 64]`` (compute dtype)."""
         return layers.max_pool(self.conv(x, train=train), 3, 2, 1)
 
 
@@ -45,6 +46,8 @@ class BasicBlock(nnx.Module):
         self.out_features = out
 
     def __call__(self, x, *, train, rngs=None):
+        """``float[B, H, W, in_features]`` -> ``[B, ceil(H / stride), ceil(W / stride), planes]``
+        (compute dtype). ``rngs`` is unused."""
         y = self.conv2(self.conv1(x, train=train), train=train)
         r = x if self.downsample is None else self.downsample(x, train=train)
         return jax.nn.relu(y + r)
@@ -63,6 +66,8 @@ class Bottleneck(nnx.Module):
         self.out_features = out
 
     def __call__(self, x, *, train, rngs=None):
+        """``float[B, H, W, in_features]`` -> ``[B, ceil(H / stride), ceil(W / stride), 4 *
+        planes]`` (compute dtype). ``rngs`` is unused."""
         y = self.conv3(self.conv2(self.conv1(x, train=train), train=train), train=train)
         r = x if self.downsample is None else self.downsample(x, train=train)
         return jax.nn.relu(y + r)

@@ -105,6 +105,8 @@ class Conv(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """``float[B, H, W, in_features]`` (cast to the compute dtype) -> ``dtype[B, H', W',
+        out_features]``, ``H' = (H + 2 * padding - kernel_size) // stride + 1``."""
         p = self.padding
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype),
@@ -135,6 +137,7 @@ class Linear(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        """``float[..., in_features]`` -> ``dtype[..., out_features]`` (the compute dtype)."""
         y = x.astype(self.dtype) @ self.kernel.get_value().astype(self.dtype)
         _add_macs(self.in_features * self.out_features)
         return y + self.bias.get_value().astype(self.dtype)
@@ -171,6 +174,8 @@ class BatchNorm(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+        """``float[B, ..., num_features]`` -> the same shape in the compute dtype. Training
+        updates the running statistics; ``B`` must be a multiple of ``group_size``."""
         xf = x.astype(jnp.float32)
         if train:
             batch = x.shape[0]
@@ -223,6 +228,8 @@ class ConvBN(nnx.Module):
         self.out_features = out_features
 
     def __call__(self, x, *, train: bool, rngs: nnx.Rngs | None = None):
+        """``float[B, H, W, in_features]`` -> ``dtype[B, H', W', out_features]`` (compute dtype;
+        ``H' = ceil(H / stride)`` for odd kernels). ``rngs`` is unused."""
         y = self.bn(self.conv(x), train=train)
         return jax.nn.relu(y) if self.relu else y
 
@@ -235,6 +242,7 @@ class NormAct(nnx.Module):
         self.out_features = num_features
 
     def __call__(self, x, *, train: bool, rngs: nnx.Rngs | None = None):
+        """``float[B, H, W, C]`` -> the same shape in the compute dtype. ``rngs`` is unused."""
         return jax.nn.relu(self.bn(x, train=train))
 
 
@@ -245,6 +253,9 @@ class KeySeq:
     caller's ``nnx.Rngs`` and hands the layers this sequence instead: mutating an ``nnx.Rngs``
     counter thousands of times inside ``nnx.eval_shape``/``jit`` costs time quadratic in the trace
     (ResNet-1202: a minute), a Python counter costs nothing.
+
+    ``key`` and every key returned: a PRNG key, typed ``key[]`` or raw ``uint32[2]`` (the kind of
+    ``key``).
     """
 
     def __init__(self, key: jax.Array):
@@ -279,7 +290,10 @@ class LayerConfig:
 
 
 def dropout(x: jax.Array, rate: float, *, train: bool, rngs: nnx.Rngs | None) -> jax.Array:
-    """Inverted dropout drawing its mask from ``rngs.dropout()``; identity unless training."""
+    """Inverted dropout drawing its mask from ``rngs.dropout()``; identity unless training.
+
+    ``x``: any shape and float dtype; the result has the same shape and dtype.
+    """
     if not train or rate == 0.0:
         return x
     if rngs is None:
@@ -295,7 +309,11 @@ def dropout(x: jax.Array, rate: float, *, train: bool, rngs: nnx.Rngs | None) ->
 
 
 def max_pool(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
-    """``nn.MaxPool2d(kernel, stride, padding)`` on NHWC (padding never wins the max)."""
+    """``nn.MaxPool2d(kernel, stride, padding)`` on NHWC (padding never wins the max).
+
+    ``[B, H, W, C]`` -> ``[B, H', W', C]``, ``H' = (H + 2 * padding - kernel) // stride + 1``, in
+    ``x``'s dtype.
+    """
     pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
     init = -jnp.inf  # a Python scalar: a typed array makes the reduction non-differentiable
     return jax.lax.reduce_window(
@@ -304,7 +322,11 @@ def max_pool(x: jax.Array, kernel: int, stride: int, padding: int) -> jax.Array:
 
 
 def avg_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
-    """``nn.AvgPool2d(kernel, stride, padding)`` on NHWC (zero padding counted, PyTorch default)."""
+    """``nn.AvgPool2d(kernel, stride, padding)`` on NHWC (zero padding counted, PyTorch default).
+
+    ``[B, H, W, C]`` -> ``[B, H', W', C]``, ``H' = (H + 2 * padding - kernel) // stride + 1``;
+    summed in float32, returned in ``x``'s dtype.
+    """
     pad = ((0, 0), (padding, padding), (padding, padding), (0, 0))
     total = jax.lax.reduce_window(
         x.astype(jnp.float32), 0.0, jax.lax.add, (1, kernel, kernel, 1), (1, stride, stride, 1), pad
@@ -313,5 +335,6 @@ def avg_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Ar
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
-    """Mean over the spatial axes of NHWC, accumulated in float32: [B, H, W, C] -> [B, C]."""
+    """Mean over the spatial axes of NHWC, accumulated in float32: ``[B, H, W, C]`` -> ``[B, C]``,
+    returned in ``x``'s dtype."""
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)

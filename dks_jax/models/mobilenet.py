@@ -28,6 +28,8 @@ class SeparableBlock(nnx.Module):
         self.out_features = out_features
 
     def __call__(self, x, *, train, rngs=None):
+        """``float[B, H, W, in_features]`` -> ``[B, ceil(H / stride), ceil(W / stride),
+        out_features]`` (compute dtype). ``rngs`` is unused."""
         return self.pw(self.dw(x, train=train), train=train)
 
 

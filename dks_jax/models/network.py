@@ -108,7 +108,10 @@ class Network(nnx.Module):
         offsets: Mapping[tuple[int, int], jax.Array] | None = None,
         every_block: bool = False,
     ) -> tuple[jax.Array, dict[tuple[int, int], jax.Array]]:
-        """Main path up to its last feature map [B, H, W, C], and the feature maps at the taps.
+        """Main path up to its last feature map ``[B, H', W', C]``, and the feature maps at the taps.
+
+        ``x``: NHWC images ``float[B, H, W, 3]``, any float dtype; every map is in the compute
+        dtype.
 
         The maps are keyed by position ``(stage, blocks done)``. For analysis (``dks_jax.analysis``):
         offsets: ``{tap: array}`` added to the main path's map at those taps, before both the rest
@@ -150,7 +153,10 @@ class Network(nnx.Module):
         offsets: Mapping[tuple[int, int], jax.Array] | None = None,
         return_features: bool = False,
     ):
-        """``offsets``: see :meth:`features`.
+        """NHWC images ``float[B, H, W, 3]`` (any float dtype) -> a tuple of ``num_heads`` logits
+        ``float32[B, K]``, in the order C1 (main), C2 (deepest branch), ... .
+
+        ``offsets``: see :meth:`features`.
 
         ``return_features`` (a model built with ``feature_adapters=True``, for BYOT's hint terms):
         ``(logits, features)``, ``features`` the main path's pooled feature ``[B, D]`` and every

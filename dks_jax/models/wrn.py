@@ -39,6 +39,8 @@ class Block(nnx.Module):
         self.out_features = width
 
     def __call__(self, x, *, train, rngs=None):
+        """``float[B, H, W, in_features]`` -> ``[B, ceil(H / stride), ceil(W / stride), width]``
+        (compute dtype). ``rngs``: a ``dropout`` stream when training with dropout."""
         o = jax.nn.relu(self.bn1(x, train=train))
         y = jax.nn.relu(self.bn2(self.conv1(o), train=train))
         y = layers.dropout(y, self.dropout, train=train, rngs=rngs)
