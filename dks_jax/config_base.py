@@ -1,4 +1,4 @@
-"""The shared base of every config in ``configs/``, and the papers' recipes (DESIGN.md).
+"""The shared base of every config in ``configs/``, and the papers' recipes (docs/design.md).
 
 A config file is a few lines: ``get_config()`` starts from ``base()``, applies a recipe and sets what
 differs. Durations are in epochs; steps are derived at run time from the data set and batch size, so
@@ -7,9 +7,18 @@ differs. Durations are in epochs; steps are derived at run time from the data se
 
 from __future__ import annotations
 
-import ml_collections
+import json
+import os
+from collections.abc import Sequence
 
-METHODS = ("baseline", "ds", "dsn", "dks", "dhm", "kd", "byot")
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from dks_jax import errors
+from dks_jax.losses import METHODS
+
+__all__ = ["METHODS", "base", "load", "parse_preset", "to_dict", "with_method"]
 
 
 def base() -> ml_collections.ConfigDict:
@@ -148,3 +157,48 @@ def parse_preset(arg: str | None, default: str, valid) -> str:
     if arg not in valid:
         raise ValueError(f"Unknown preset {arg!r}; valid: {', '.join(valid)}.")
     return arg
+
+
+def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """The config ``spec`` (``path/to/config.py[:preset]``) with command-line ``overrides``.
+
+    ``overrides`` are written as on the trainer's command line, ``"--config.loss.beta=0.5"``, and
+    parsed by ml_collections exactly as ``--config.<field>`` flags are (types from the field's
+    current value; ``true``/``false``, tuples ``(1,2)``). The config is locked: an unknown field is
+    a :class:`errors.ConfigError` naming the valid ones.
+    """
+    path = spec.partition(":")[0]
+    if not os.path.isfile(path):
+        raise errors.ConfigError(f"Config file {path!r} (from {spec!r}) not found.")
+    bad = [o for o in overrides if not o.startswith("--config.") or "=" not in o]
+    if bad:
+        raise errors.ConfigError(
+            f"Overrides are written --config.<field>=<value> (as for python -m dks_jax.main), "
+            f"got {', '.join(map(repr, bad))}.")
+    argv = ["dks_jax", f"--config={spec}", *overrides]
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values, sys_argv=argv, lock_config=True)
+    try:
+        values(argv)
+    except flags.IllegalFlagValueError as e:  # the file failed: its last line says why
+        raise errors.ConfigError(f"{spec}: {str(e).strip().splitlines()[-1]}") from e
+    except (AttributeError, KeyError, flags.Error) as e:
+        config = load(spec) if overrides else None
+        fields = ", ".join(sorted(_flat_keys(config.to_dict()))) if config is not None else ""
+        raise errors.ConfigError(
+            f"{spec}: cannot apply {' '.join(overrides)} ({type(e).__name__}: {e}). "
+            f"Fields: {fields}.") from e
+    return values["config"].value
+
+
+def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
+    out: list[str] = []
+    for k, v in tree.items():
+        out.extend(_flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k])
+    return out
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+    """``config`` as plain JSON values (tuples become lists), keys sorted: what ``config.json``
+    holds and what experiments are compared by."""
+    return json.loads(config.to_json_best_effort(sort_keys=True))

@@ -5,7 +5,7 @@ one works under ``jax.jit``, ``jax.vmap`` and ``jax.grad``, e.g. in a notebook::
 
     grads = jax.grad(lambda z: losses.synergy_loss(z, "bidirectional"))(logits)
 
-Conventions (DESIGN.md):
+Conventions (docs/design.md):
 
 - ``logits`` of a multi-head loss is a tuple (or list) of per-head arrays, all of shape ``[B, K]``:
   index 0 is the main (top-most) classifier, then the auxiliary classifiers from the deepest to the

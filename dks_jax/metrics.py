@@ -1,6 +1,6 @@
 """Metric writers: JSON lines always, the console, and TensorBoard through clu when TensorFlow is there.
 
-clu's writers and periodic actions import TensorFlow, which is optional at run time (DESIGN.md), so
+clu's writers and periodic actions import TensorFlow, which is optional at run time (docs/design.md), so
 the JSONL and console writers below are plain Python with the same ``write_scalars`` interface.
 Only process 0 writes.
 """
@@ -20,7 +20,8 @@ from dks_jax import paths
 METRICS_FILE = "metrics.jsonl"
 
 
-def _plain(value):
+def plain(value):
+    """A scalar or array as a JSON value (NaN and infinities as strings: JSON has none)."""
     value = np.asarray(value).item() if np.ndim(value) == 0 else np.asarray(value).tolist()
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)  # JSON has no NaN/Inf
@@ -47,7 +48,7 @@ class JsonlWriter(_PlainWriter):
         self.path = paths.as_path(path)
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]):
-        record = {"step": int(step), **{k: _plain(v) for k, v in scalars.items()}}
+        record = {"step": int(step), **{k: plain(v) for k, v in scalars.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -66,7 +67,7 @@ class ConsoleWriter(_PlainWriter):
         self.total_steps = None
 
     def write_scalars(self, step: int, scalars: Mapping[str, float]):
-        line = self.format(step, {k: _plain(v) for k, v in scalars.items()})
+        line = self.format(step, {k: plain(v) for k, v in scalars.items()})
         if line:
             print(line, flush=True)
 
@@ -102,7 +103,7 @@ class ConsoleWriter(_PlainWriter):
 
 
 def _fmt(v) -> str:
-    v = _plain(v)
+    v = plain(v)
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)

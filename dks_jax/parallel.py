@@ -1,4 +1,4 @@
-"""The device mesh and the shardings of the train state and batches (DESIGN.md: jit + NamedSharding).
+"""The device mesh and the shardings of the train state and batches (docs/design.md: jit + NamedSharding).
 
 One mesh axis, ``'data'``, spans every device of every process. The state is replicated, batches are
 split along their leading axis.
@@ -21,7 +21,7 @@ DATA_AXIS = "data"
 def create_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A 1-D mesh with axis ``'data'`` over ``devices`` (default: all devices of all processes)."""
     devices = list(jax.devices() if devices is None else devices)
-    # axis_types is passed explicitly: its default changed across JAX versions (DESIGN.md).
+    # axis_types is passed explicitly: its default changed across JAX versions (docs/design.md).
     return jax.make_mesh(
         (len(devices),), (DATA_AXIS,), axis_types=(jax.sharding.AxisType.Auto,), devices=devices
     )

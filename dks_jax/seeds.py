@@ -7,14 +7,14 @@ seed keeps its own initialisation, data order (its own batches), BatchNorm stati
 batch) and random numbers, so seed ``k`` of a vmapped run computes what a single run with
 ``config.seed = k`` computes (``tests/test_sweep.py`` checks it to float tolerance).
 
-Building blocks, all pure:
+Building blocks, all pure (``state.create(..., seeds=...)`` and ``steps.train_step`` use them):
 
-    graphdef, states = init_states(config, num_classes, seeds, tx)   # leaves [S, ...]
-    step = jax.jit(vmap_seeded_step(lambda k: train.make_train_step(graphdef, tx, sched, spec, k),
+    graphdef, states = state.initial_states(config, num_classes, seeds, tx)   # leaves [S, ...]
+    step = jax.jit(vmap_seeded_step(lambda k: steps.make_train_step(graphdef, tx, sched, spec, k),
                                     seeds), donate_argnums=0)
     states, metrics = step(states, stack([batch_seed0, batch_seed1, ...]))   # metrics [S]
     one = unstack(states, 1)                                          # the run of seeds[1]
-    sums = jax.jit(vmap_eval(train.make_eval_step(graphdef)))(states, eval_batch)  # shared batch
+    sums = jax.jit(vmap_eval(evaluator.make_eval_step(graphdef)))(states, eval_batch)  # shared batch
 
 Shapes: a stacked state's leaves are ``[S, *leaf.shape]``; a stacked batch is
 ``{"image": [S, B, H, W, C], "label": [S, B]}``, sharded ``P(None, "data")``
@@ -27,13 +27,11 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dks_jax import parallel
 
 __all__ = [
-    "init_states",
     "stack",
     "stacked_batch_sharding",
     "unstack",
@@ -43,40 +41,12 @@ __all__ = [
 ]
 
 
-def init_states(config, num_classes: int, seeds: Sequence[int], tx) -> tuple[nnx.GraphDef, dict]:
-    """Model and optimizer initialised once per seed, in one vmapped program.
-
-    Returns ``(graphdef, states)``: ``states`` is the pytree of ``train.initial_state`` (``step``,
-    ``params``, ``batch_stats``, ``opt_state``, ``best_top1``) with a leading axis of ``len(seeds)``;
-    ``unstack(states, i)`` equals ``train.initial_state(train.create_model(config, num_classes,
-    seed=seeds[i]), tx)[1]``. ``config`` is read as by ``train.create_model`` (model, aux, branches,
-    dtype, dropout, ...); ``config.seed`` is ignored in favour of ``seeds``.
-    """
-    from dks_jax import train  # train imports the whole stack; keep this module light to import
-
-    seeds = list(seeds)
-    if not seeds:
-        raise ValueError("init_states needs at least one seed.")
-    graphdefs = []
-
-    def init_one(key):
-        model = train.create_model(config, num_classes, seed=key)
-        graphdef, state = train.initial_state(model, tx)
-        graphdefs.append(graphdef)  # static: the same for every seed
-        return state
-
-    # nnx.Rngs(int k) draws from jax.random.key(k): the same keys, batched.
-    keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, jnp.uint32))
-    states = jax.jit(jax.vmap(init_one))(keys)
-    return graphdefs[0], states
-
-
 def vmap_step(step_fn: Callable) -> Callable:
     """``step_fn(state, batch, *shared) -> (state, metrics)`` vmapped over the seed axis.
 
     ``state`` and ``batch`` carry a leading seed axis; ``shared`` arguments (e.g. a KD teacher's
     state) are the same for every seed. Use this for steps whose random numbers come from the state;
-    a step built for one seed (``train.make_train_step(..., seed)``) wants :func:`vmap_seeded_step`.
+    a step built for one seed (``steps.make_train_step(..., seed)``) wants :func:`vmap_seeded_step`.
     Metrics come back with a leading seed axis.
     """
 

@@ -1,4 +1,4 @@
-"""Analysis tools (dks_jax.analysis): gradient consistency, curves, correlation heatmaps."""
+"""Analysis tools (dks_jax.tools.analysis, tools.curves) and gradient consistency (dks_jax.evaluator)."""
 
 import json
 
@@ -9,7 +9,8 @@ import optax
 import pytest
 from flax import nnx
 
-from dks_jax import analysis, models
+from dks_jax import evaluator, models
+from dks_jax.tools import analysis, curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -56,7 +57,7 @@ def _ce(logits, labels):
 
 def test_gradient_consistency_equals_hand_computation(tiny):
     model, graphdef, params, stats, images, labels = tiny
-    fn = jax.jit(analysis.gradient_consistency, static_argnums=0)
+    fn = jax.jit(evaluator.gradient_consistency, static_argnums=0)
     got = fn(graphdef, params, stats, images, labels)
     assert set(got) == {"grad_cos/C2", "grad_cos/C3", "grad_cos_example/C2",
                         "grad_cos_example/C3"}
@@ -166,7 +167,7 @@ def _fake_run(folder, *, shift=0.0, with_cos=True):
 def test_plot_curves(tmp_path):
     _fake_run(tmp_path / "dks")
     _fake_run(tmp_path / "ds", shift=0.03, with_cos=False)
-    c = analysis.plot_curves(tmp_path / "dks", tmp_path / "curves.png")
+    c = curves.plot_curves(tmp_path / "dks", tmp_path / "curves.png")
     assert c["x_label"] == "epoch"
     x, err = c["test"]["C1"]
     np.testing.assert_allclose(x, np.arange(2, 21, 2))  # epochs
@@ -174,14 +175,14 @@ def test_plot_curves(tmp_path):
     x, err = c["train"]["C2"]
     np.testing.assert_allclose(err[-1], 100 * (1 - (0.2 + 0.7 - 0.2)))
     assert set(c["consistency"]) == {"C2", "C3"}
-    analysis.plot_curves([tmp_path / "ds", tmp_path / "dks"], tmp_path / "compare.png",
+    curves.plot_curves([tmp_path / "ds", tmp_path / "dks"], tmp_path / "compare.png",
                          labels=["DS", "DKS"])
     assert analysis.main(["curves", f"--workdir={tmp_path / 'dks'}"]) == 0
     for name in ("curves.png", "compare.png", "dks/curves.png"):
         data = (tmp_path / name).read_bytes()
         assert data.startswith(PNG_MAGIC) and len(data) > 10000
     with pytest.raises(FileNotFoundError, match="metrics"):
-        analysis.plot_curves(tmp_path / "nothing", tmp_path / "x.png")
+        curves.plot_curves(tmp_path / "nothing", tmp_path / "x.png")
 
 
 @pytest.mark.parametrize("name", ["cifar_resnet32", "densenet40_k12", "wrn16_8", "mobilenet_cifar",
@@ -195,7 +196,7 @@ def test_gradient_consistency_traces_for_registry_models(name):
     size = models.spec(name).image_size
     images = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
     labels = jax.ShapeDtypeStruct((2,), jnp.int32)
-    out = jax.eval_shape(functools.partial(analysis.gradient_consistency, graphdef), params, stats,
+    out = jax.eval_shape(functools.partial(evaluator.gradient_consistency, graphdef), params, stats,
                          images, labels)
     aux = model.head_names[1:]
     assert aux and set(out) == {f"grad_cos{k}/{h}" for h in aux for k in ("", "_example")}

@@ -3,16 +3,14 @@
 import json
 import math
 import re
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-from dks_jax import benchmark, losses, models
-
-sys.path.insert(0, str(benchmark.REPO / "benchmarks"))
-import make_table  # noqa: E402
+from dks_jax import losses, models
+from dks_jax.tools import bench_compare, benchmark, cli
+from dks_jax.tools import bench_table as make_table
 
 TINY = ["--model=cifar_resnet8", "--aux=paper", "--method=dks", "--batch_size=8",
         "--image_size=32", "--dtype=float32", "--steps=3", "--warmup=1"]
@@ -26,8 +24,8 @@ def cli_record(tmp_path_factory):
     loss is the full DKS objective over three heads.
     """
     out = tmp_path_factory.mktemp("results")
-    argv = ["prog", *TINY, f"--output={out}"]
-    return benchmark.cli(argv), out
+    argv = [*TINY, f"--output={out}"]
+    return benchmark.record_from_argv(argv), out
 
 
 def test_cli_writes_a_record_with_every_key_and_sane_values(cli_record):
@@ -43,7 +41,7 @@ def test_cli_writes_a_record_with_every_key_and_sane_values(cli_record):
     assert record["num_devices"] == jax.device_count() == 8  # batch sharded over the mesh
     assert record["jax_version"] == jax.__version__
     assert re.fullmatch(r"\d{4}-\d\d-\d\d", record["date"])
-    assert record["command"].startswith("python -m dks_jax.benchmark --model=cifar_resnet8")
+    assert record["command"].startswith("python -m dks_jax.tools.benchmark --model=cifar_resnet8")
     assert (record["model"], record["aux"], record["method"], record["num_heads"]) == (
         "cifar_resnet8", "paper", "dks", 3)
     assert (record["batch_size"], record["image_size"], record["dtype"]) == (8, 32, "float32")
@@ -161,10 +159,10 @@ def test_make_table_latest_overhead_and_targets(tmp_path):
     assert "| 1,707 |" in text and "| 40.0% |" in text and "| 20.0 |" in text  # images/s, MFU, GiB
 
     out = tmp_path / "table.md"
-    assert make_table.main([str(tmp_path), "--output", str(out), "--all"]) == out.read_text()
+    assert make_table.main([str(tmp_path), f"--output={out}", "--all"]) == out.read_text()
     assert out.read_text().count("| resnet18 |") == 3 + 1  # every record, plus the overhead row
     assert make_table.render([]) == "_No benchmark records._\n"
-    assert make_table.main([str(tmp_path), "--device", "A100"]) == "_No benchmark records._\n"
+    assert make_table.main([str(tmp_path), "--device=A100"]) == "_No benchmark records._\n"
 
 
 def test_torch_command_and_a_failed_reference_is_recorded():
@@ -191,7 +189,7 @@ def test_torch_command_and_a_failed_reference_is_recorded():
 @pytest.fixture(scope="module")
 def torch_reference():
     pytest.importorskip("torch")
-    import torch_reference
+    from dks_jax.tools import torch_reference
 
     return torch_reference
 
@@ -244,14 +242,13 @@ def test_torch_reference_runs_through_the_comparison_path(torch_reference):
 
 
 def test_compare_dry_run_lists_the_cases(capsys):
-    import compare
-
-    assert compare.main(["--dry_run", "--python", "py", "--steps", "7"]) == 0
+    compare = bench_compare
+    assert compare.main(["--dry_run", "--python=py", "--steps=7"]) == 0
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("== ")]
     assert [line.split(":")[0][3:] for line in lines] == list(compare.CASES)
     first = lines[0]
-    assert "py -m dks_jax.benchmark --model=resnet18 --method=baseline" in first
+    assert "py -m dks_jax.tools.benchmark --model=resnet18 --method=baseline" in first
     assert "--steps=7" in first and "--compare_torch" in first
     assert "--compare_torch" not in lines[-1]  # CIFAR: JAX only
-    with pytest.raises(SystemExit):
-        compare.main(["--dry_run", "--cases", "resnet9"])
+    with pytest.raises(cli.UsageError, match="unknown cases"):
+        compare.main(["--dry_run", "--cases=resnet9"])

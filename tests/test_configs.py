@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from dks_jax import config_base, optim, train
+from dks_jax import state as state_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 METHOD_PRESETS = ("baseline", "ds", "dks")
@@ -65,10 +66,10 @@ def test_config_builds_model_and_state(path, preset):
     heads = {}
 
     def build():
-        model = train.create_model(config, num_classes)
+        model = state_lib.create_model(config, num_classes)
         heads["n"] = model.num_heads
         tx, _ = optim.create_optimizer(config, steps_per_epoch=100)
-        return train.initial_state(model, tx)[1]
+        return state_lib.initial_state(model, tx)[1]
 
     state = jax.eval_shape(build)
     if config.aux == "none" or config.branch_alone:

@@ -118,7 +118,7 @@ def test_real_cifar10_archive(cifar_full, cifar_tar):
 
 
 def test_cifar_subset_folder(cifar_subset):
-    src = sources.resolve(str(cifar_subset), None, "train", "test")
+    src = data.resolve_source(str(cifar_subset), None, "train", "test")
     assert src.class_names == CIFAR10_CLASSES and src.image_shape == (32, 32, 3)
     assert (src.train.num_examples, src.eval.num_examples) == (400, 200)
     np.testing.assert_array_equal(src.train.labels, np.repeat(np.arange(10), 40))
@@ -133,8 +133,8 @@ def test_tar_is_read_in_place(cifar_subset, tmp_path):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(cifar_subset, arcname="subset")
     before = sorted(os.listdir(tmp_path))
-    a = sources.resolve(str(archive), None, "train", "test")
-    b = sources.resolve(str(cifar_subset), None, "train", "test")
+    a = data.resolve_source(str(archive), None, "train", "test")
+    b = data.resolve_source(str(cifar_subset), None, "train", "test")
     assert sorted(os.listdir(tmp_path)) == before  # nothing unpacked or cached beside it
     assert a.class_names == b.class_names
     np.testing.assert_array_equal(a.train.labels, b.train.labels)
@@ -572,7 +572,7 @@ def test_truncated_archive_is_an_error(cifar_subset, tmp_path):
     archive = tmp_path / "subset.tar"
     with tarfile.open(archive, "w") as tar:
         tar.add(cifar_subset, arcname="subset")
-    assert sources.resolve(str(archive), None, "train", "test").eval.num_examples == 200
+    assert data.resolve_source(str(archive), None, "train", "test").eval.num_examples == 200
     with tarfile.open(archive) as tar:
         offsets = [m.offset for m in tar.getmembers()]
     cut = offsets[int(len(offsets) * 0.95)]  # the header of a member: a clean member boundary
@@ -581,7 +581,7 @@ def test_truncated_archive_is_an_error(cifar_subset, tmp_path):
     with tarfile.open(short) as tar:  # what made it silent: tarfile itself reads it without error
         assert 0 < len(tar.getmembers()) < len(offsets)
     with pytest.raises(sources.DataNotFoundError, match="end-of-archive blocks.*truncated"):
-        sources.resolve(str(short), None, "train", "test")
+        data.resolve_source(str(short), None, "train", "test")
 
 
 def test_eval_split_missing_classes_is_an_error(tmp_path):
@@ -600,13 +600,13 @@ def test_short_copy_of_a_named_data_set_is_an_error(cifar_subset, tmp_path):
     with pytest.raises(sources.DataNotFoundError,
                        match=r"train has 400 images, but cifar10's train split has 50,000 \(5,000 "
                              r"per class; differing: airplane \(40\)"):
-        sources.resolve("cifar10", str(tmp_path), "train", "test")
+        data.resolve_source("cifar10", str(tmp_path), "train", "test")
     shutil.rmtree(copy / "train" / "truck")
     shutil.rmtree(copy / "test" / "truck")
     with pytest.raises(sources.DataNotFoundError, match="cifar10, which has 10 classes, but it has 9"):
-        sources.resolve("cifar10", str(tmp_path), "train", "test")
+        data.resolve_source("cifar10", str(tmp_path), "train", "test")
     # Named by its path, the same folder is a data set of its own: no sizes to match.
-    assert sources.resolve(str(copy), None, "train", "test").num_classes == 9
+    assert data.resolve_source(str(copy), None, "train", "test").num_classes == 9
 
 
 def test_unreadable_image_is_an_error(tmp_path):

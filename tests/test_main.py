@@ -125,11 +125,12 @@ CPU_FLAGS_SCRIPT = '''
 import sys
 import jax, jax.numpy as jnp, numpy as np, optax
 from flax import nnx
-from dks_jax import losses, models, train
+from dks_jax import losses, models
+from dks_jax import state as state_lib
 model = models.create("cifar_resnet8", 10, aux="none", rngs=nnx.Rngs(0))
 images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
 labels = jnp.arange(4)
-graphdef, state = train.initial_state(model, optax.sgd(0.1))
+graphdef, state = state_lib.initial_state(model, optax.sgd(0.1))
 spec = losses.ObjectiveSpec(method="baseline", num_heads=1)
 def loss_fn(params):
     m = nnx.merge(graphdef, params, state["batch_stats"])

@@ -1,4 +1,4 @@
-"""Sweep runner, results tables and the seed vmap (dks_jax.sweep, dks_jax.seeds)."""
+"""Sweep runner, results tables and the seed vmap (dks_jax.tools.sweep, tools.tables, dks_jax.seeds)."""
 
 import csv
 import io
@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dks_jax import config_base, optim, seeds, sweep, train
+from dks_jax import config_base, errors, optim, seeds, steps
+from dks_jax import state as state_lib
+from dks_jax.tools import sweep, tables
 
 # ---- config specs -------------------------------------------------------------------------------
 
@@ -33,14 +35,22 @@ def test_split_configs_keeps_commas_inside_presets():
 
 
 def test_load_config_with_overrides():
-    c = sweep.load_config("configs/cifar100_resnet32.py:ds",
-                          ["num_epochs=30", "loss.beta=0.5", "lr_boundaries=(10, 20)", "aux=simple"])
+    """The sweep's overrides are the trainer's --config.<field>=<value>, parsed by ml_collections."""
+    c = config_base.load("configs/cifar100_resnet32.py:ds",
+                         ["--config.num_epochs=30", "--config.loss.beta=0.5",
+                          "--config.lr_boundaries=(10, 20)", "--config.aux=simple",
+                          "--config.nesterov=false", "--config.loss.kd_heads=(0,)"])
     assert (c.method, c.num_epochs, c.loss.beta, tuple(c.lr_boundaries), c.aux) == \
         ("ds", 30.0, 0.5, (10, 20), "simple")
-    with pytest.raises(AttributeError, match="no field 'num_epoch'"):
-        sweep.load_config("configs/cifar100_resnet32.py:ds", ["num_epoch=3"])
-    with pytest.raises(ValueError, match="field=value"):
-        sweep.load_config("configs/cifar100_resnet32.py:ds", ["num_epochs"])
+    assert c.nesterov is False and tuple(c.loss.kd_heads) == (0,)
+    with pytest.raises(errors.ConfigError, match="num_epoch.*Fields: .*num_epochs"):
+        config_base.load("configs/cifar100_resnet32.py:ds", ["--config.num_epoch=3"])
+    with pytest.raises(errors.ConfigError, match="--config.<field>=<value>"):
+        config_base.load("configs/cifar100_resnet32.py:ds", ["num_epochs=3"])
+    with pytest.raises(errors.ConfigError, match="Unknown preset 'dsk'"):
+        config_base.load("configs/cifar100_resnet32.py:dsk")
+    with pytest.raises(errors.ConfigError, match="not found"):
+        config_base.load("configs/nothing.py")
 
 
 # ---- tables on hand-written run folders ---------------------------------------------------------
@@ -71,7 +81,7 @@ def _write_sweep_run(folder, config, final, wall=600.0):
     (folder / "config.json").write_text(json.dumps(config))
     (folder / "result.json").write_text(json.dumps(
         {"config": config, "metrics": final, "wall_time_s": wall, "device": "1 x H100",
-         "command": "python -m dks_jax.sweep ..."}))
+         "command": "python -m dks_jax.tools.sweep ..."}))
 
 
 BASE_TOP1 = [70.0, 71.0, 73.0]  # mean 71.3333, sample std sqrt(7/3) = 1.52753
@@ -104,7 +114,7 @@ def fake_runs(tmp_path):
 
 
 def test_table_mean_std_by_hand(fake_runs, tmp_path):
-    rows = sweep.table(fake_runs, results_dir=tmp_path / "results", name="t")
+    rows = tables.table(fake_runs, results_dir=tmp_path / "results", name="t")
     by = {r["config"]: r for r in rows}
     assert set(by) == {"r32-baseline", "r32-dks", "dn40-dks"}
     b = by["r32-baseline"]
@@ -150,7 +160,7 @@ def test_table_mean_std_by_hand(fake_runs, tmp_path):
 def test_welch_by_hand_and_the_comparisons_section(fake_runs, tmp_path):
     # Baseline 70, 71, 73 vs DKS 74, 76: diff 3.6667, standard error^2 = 7/9 + 1 = 16/9, t = 2.75,
     # Welch-Satterthwaite dof = (16/9)^2 / ((7/9)^2 / 2 + 1^2 / 1) = 2.4265.
-    w = sweep.welch([74.0, 76.0], BASE_TOP1)
+    w = tables.welch([74.0, 76.0], BASE_TOP1)
     assert w["diff"] == pytest.approx(11.0 / 3)
     assert w["t"] == pytest.approx(2.75)
     assert w["dof"] == pytest.approx((16 / 9) ** 2 / ((7 / 9) ** 2 / 2 + 1.0), rel=1e-9)
@@ -158,11 +168,11 @@ def test_welch_by_hand_and_the_comparisons_section(fake_runs, tmp_path):
 
     ref = stats.ttest_ind([74.0, 76.0], BASE_TOP1, equal_var=False)
     assert w["p"] == pytest.approx(ref.pvalue) and 0.05 < w["p"] < 0.2
-    assert math.isnan(sweep.welch([1.0], [2.0, 3.0])["p"])  # one value: undefined
-    assert math.isnan(sweep.welch([1.0, 1.0], [2.0, 2.0])["t"])  # no variance: undefined
+    assert math.isnan(tables.welch([1.0], [2.0, 3.0])["p"])  # one value: undefined
+    assert math.isnan(tables.welch([1.0, 1.0], [2.0, 2.0])["t"])  # no variance: undefined
 
-    rows = sweep.table(fake_runs, results_dir=tmp_path / "results", name="t")
-    tests = sweep.comparisons(rows)
+    rows = tables.table(fake_runs, results_dir=tmp_path / "results", name="t")
+    tests = tables.comparisons(rows)
     assert [(c["a"], c["b"], c["head"]) for c in tests] == [("dks", "baseline", "top1")]
     assert tests[0]["p"] == pytest.approx(w["p"])
     md = (tmp_path / "results" / "t.md").read_text()
@@ -173,7 +183,7 @@ def test_welch_by_hand_and_the_comparisons_section(fake_runs, tmp_path):
 
 
 def test_curves_mean_and_band_over_seeds(tmp_path):
-    from dks_jax import curves
+    from dks_jax.tools import curves
 
     root = tmp_path / "runs"
     for k, scale in enumerate((1.0, 3.0)):
@@ -213,7 +223,7 @@ def test_sweep_refuses_a_folder_of_another_config(fake_runs, tmp_path):
                    "    return config_base.with_method(config_base.base(), method or 'dks')\n")
     (fake_runs / "c-dks").mkdir()
     (fake_runs / "c-dks" / "seed0").symlink_to(fake_runs / "r32-dks" / "seed0")
-    with pytest.raises(ValueError, match="another config"):
+    with pytest.raises(errors.ConfigError, match="another config"):
         sweep.run_sweep([f"{cfg}:dks"], 1, fake_runs, results_dir=tmp_path / "r",
                         train_fn=lambda *a, **k: pytest.fail("must not train"))
 
@@ -245,7 +255,7 @@ def test_end_to_end_sweep_of_two_seeds(cifar_subset, tmp_path):
     cfg.write_text(TINY_CONFIG.format(root=str(cifar_subset)))
     runs, results = tmp_path / "runs", tmp_path / "results"
     rows = sweep.run_sweep(f"{cfg}:dks", 2, runs, results_dir=results, name="tiny",
-                           overrides=["loss.beta=0.5"], command="pytest")
+                           overrides=["--config.loss.beta=0.5"], command="pytest")
     assert len(rows) == 1 and rows[0]["seeds"] == 2 and rows[0]["method"] == "dks"
     finals = []
     for k in (0, 1):
@@ -254,7 +264,7 @@ def test_end_to_end_sweep_of_two_seeds(cifar_subset, tmp_path):
         assert result["metrics"]["eval_count"] == 200
         finals.append(result["metrics"])
     for head in ("C1", "C2", "C3", "ensemble"):
-        mean, std = sweep.mean_std([f[f"eval_top1/{head}"] for f in finals])
+        mean, std = tables.mean_std([f[f"eval_top1/{head}"] for f in finals])
         prefix = "" if head == "C1" else f"{head}_"
         assert rows[0][f"{prefix}top1_mean"] == pytest.approx(mean)
         assert rows[0][f"{prefix}top1_std"] == pytest.approx(std, nan_ok=True)
@@ -265,15 +275,15 @@ def test_end_to_end_sweep_of_two_seeds(cifar_subset, tmp_path):
     assert (results / "tiny.md").exists() and (results / "tiny.csv").exists()
     # Resumable: finished runs are not trained again.
     again = sweep.run_sweep(f"{cfg}:dks", 2, runs, results_dir=results, name="tiny",
-                            overrides=["loss.beta=0.5"],
+                            overrides=["--config.loss.beta=0.5"],
                             train_fn=lambda *a, **k: pytest.fail("finished run trained again"))
     assert again[0]["top1_mean"] == pytest.approx(rows[0]["top1_mean"])
     # A changed config is not mixed into the same folders.
-    with pytest.raises(ValueError, match="another config.*beta"):
-        sweep.run_sweep(f"{cfg}:dks", 1, runs, results_dir=results, overrides=["loss.beta=2.0"],
+    with pytest.raises(errors.ConfigError, match="another config.*beta"):
+        sweep.run_sweep(f"{cfg}:dks", 1, runs, results_dir=results, overrides=["--config.loss.beta=2.0"],
                         train_fn=lambda *a, **k: pytest.fail("must not train"))
     # The analysis CLI on a real run folder: latest checkpoint + the run's evaluation images.
-    from dks_jax import analysis
+    from dks_jax.tools import analysis
 
     run = runs / "tiny-dks" / "seed0"
     assert analysis.main(["consistency", f"--workdir={run}", "--num_images=16"]) == 0
@@ -294,9 +304,9 @@ def test_vmapped_seeds_equal_separate_runs():
     c.loss.mimic_prob = 0.5
     seed_list, num_steps = [0, 3], 3
     tx, schedule = optim.create_optimizer(c, 2)  # lr drops at "epoch" 60: constant here
-    graphdef, stacked = seeds.init_states(c, 10, seed_list, tx)
+    graphdef, stacked = state_lib.initial_states(c, 10, seed_list, tx)
     assert jax.tree.leaves(stacked["params"])[0].shape[0] == 2
-    spec = train.objective_spec(c, 3, steps_per_epoch=1, total_steps=num_steps)
+    spec = state_lib.objective_spec(c, 3, steps_per_epoch=1, total_steps=num_steps)
 
     rng = np.random.default_rng(0)
     batches = [[{"image": rng.normal(size=(8, 32, 32, 3)).astype(np.float32),
@@ -304,15 +314,15 @@ def test_vmapped_seeds_equal_separate_runs():
                for _ in seed_list]
 
     vstep = jax.jit(seeds.vmap_seeded_step(
-        lambda k: train.make_train_step(graphdef, tx, schedule, spec, k), seed_list))
+        lambda k: steps.make_train_step(graphdef, tx, schedule, spec, k), seed_list))
     state, vmetrics = stacked, []
     for t in range(num_steps):
         state, m = vstep(state, seeds.stack([batches[i][t] for i in range(len(seed_list))]))
         vmetrics.append(m)
 
-    # Separate single-seed runs: train.initial_state + train.make_train_step(seed=k).
-    init_one = jax.jit(lambda key: train.initial_state(train.create_model(c, 10, seed=key), tx)[1])
-    step_one = jax.jit(lambda k, s, b: train.make_train_step(graphdef, tx, schedule, spec, k)(s, b))
+    # Separate single-seed runs: train.initial_state + steps.make_train_step(seed=k).
+    init_one = jax.jit(lambda key: state_lib.initial_state(state_lib.create_model(c, 10, seed=key), tx)[1])
+    step_one = jax.jit(lambda k, s, b: steps.make_train_step(graphdef, tx, schedule, spec, k)(s, b))
     close = lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
     for i, k in enumerate(seed_list):
         single = init_one(jax.random.key(k))

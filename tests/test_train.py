@@ -13,7 +13,8 @@ import optax
 import pytest
 from flax import nnx
 
-from dks_jax import checkpointing, config_base, errors, metrics, models, parallel, train
+from dks_jax import checkpointing, config_base, errors, export, metrics, models, parallel, train
+from dks_jax import state as state_lib
 
 TINY = dict(model="cifar_resnet8")
 TRAIN_IMAGES = 400  # the cifar_subset fixture: 40 per class
@@ -80,7 +81,7 @@ def test_every_method_trains_end_to_end(cifar_subset, tmp_path, method):
         assert {"loss/ce/1", "loss/distill/1", "loss/hint/1", "loss/hint/2"} <= set(train_rows[-1])
     assert (tmp_path / "export" / checkpointing.EXPORT_META).exists()
     assert not (tmp_path / checkpointing.LOCK_FILE).exists()  # released at the end
-    exported = train.load_exported_model(tmp_path / "export")[0]  # the main path alone
+    exported = export.load_exported_model(tmp_path / "export")[0]  # the main path alone
     assert exported.num_heads == 1
     assert (tmp_path / "config.json").exists()
 
@@ -89,7 +90,7 @@ def test_a_branch_trained_alone_exports_its_own_network(cifar_subset, tmp_path):
     config = tiny_config(cifar_subset, method="baseline", aux="paper", branch_alone="C3")
     result = train.train_and_evaluate(config, tmp_path)
     assert "eval_top1/C1" in result and "eval_top1/C2" not in result  # one head: the branch's
-    model, meta = train.load_exported_model(tmp_path / "export")
+    model, meta = export.load_exported_model(tmp_path / "export")
     assert meta["alone"] == "C3" and model.num_heads == 1
     ref = models.create(TINY["model"], 10, alone="C3", rngs=nnx.Rngs(0))
     assert model.stages[-1][0].conv1.kernel.shape == ref.stages[-1][0].conv1.kernel.shape
@@ -133,7 +134,7 @@ def test_one_and_eight_devices_agree(cifar_subset, tmp_path):
     _, a = params_of(tmp_path / "one")
     _, b = params_of(tmp_path / "eight")
     _, g = params_of(tmp_path / "grouped")
-    init = train.initial_state(train.create_model(config, 10), optax.identity())[1]["params"]
+    init = state_lib.initial_state(state_lib.create_model(config, 10), optax.identity())[1]["params"]
     norm = lambda p, q: float(np.sqrt(sum(np.sum((x - flat(q)[k]) ** 2) for k, x in flat(p).items())))
     moved = norm(a, init)  # how far two steps of training moved the parameters
     assert norm(a, b) < 1e-2 * moved, (norm(a, b), moved)
@@ -147,10 +148,10 @@ def test_one_and_eight_devices_agree(cifar_subset, tmp_path):
 def test_export_round_trip(cifar_subset, tmp_path):
     config = tiny_config(cifar_subset, method="dks")
     train.train_and_evaluate(config, tmp_path)
-    model, meta = train.load_exported_model(tmp_path / "export")
+    model, meta = export.load_exported_model(tmp_path / "export")
     assert meta["model"] == config.model and model.num_heads == 1
     # The training model (with branches) restored from the last checkpoint gives the same main logits.
-    full = train.create_model(config, 10)
+    full = state_lib.create_model(config, 10)
     from flax import nnx
 
     graphdef, params, stats = nnx.split(full, nnx.Param, nnx.BatchStat)
@@ -383,8 +384,8 @@ def test_num_seeds_equals_separate_runs(cifar_subset, tmp_path):
         single = tiny_config(cifar_subset, method="dhm", seed=seed, label_noise=0.5,
                              num_epochs=two_steps)
         one = train.train_and_evaluate(single, tmp_path / f"seed{seed}", mesh=mesh)
-        a = train.load_exported_model(tmp_path / "vmapped" / "export" / f"seed{seed}")[0]
-        b = train.load_exported_model(tmp_path / f"seed{seed}" / "export")[0]
+        a = export.load_exported_model(tmp_path / "vmapped" / "export" / f"seed{seed}")[0]
+        b = export.load_exported_model(tmp_path / f"seed{seed}" / "export")[0]
         from flax import nnx
 
         pa, pb = flat(nnx.state(a, nnx.Param)), flat(nnx.state(b, nnx.Param))

@@ -15,8 +15,8 @@ defaults): ``dataset`` (TFDS name, or path to an image folder / .tar / .tar.gz),
 another class), ``train_examples`` (> 0: train on the first ``train_examples / num_classes``
 examples of every class; the noise is drawn on that subset), ``seed``.
 
-Modules: ``sources`` (splits, ``Source``, ``resolve``), ``folders`` (image folders and tar
-archives), ``tfds_data`` (TFDS data sets), ``augment`` (both loaders' augmentations),
+Modules: ``sources`` (splits, ``Source``; :func:`resolve_source` here picks one), ``folders``
+(image folders and tar archives), ``tfds_data`` (TFDS data sets), ``augment`` (both loaders' augmentations),
 ``in_memory`` and ``streaming`` (the loaders), ``order`` (example order), ``noise`` (label noise).
 
 ``loader='auto'`` picks ``in_memory`` when the images have one fixed size equal to
@@ -30,13 +30,15 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import logging
+import os
+import pathlib
 
 import jax
 import numpy as np
 
 from dks_jax import errors
+from dks_jax.data import folders, order, sources, tfds_data
 from dks_jax.data import noise as noise_lib
-from dks_jax.data import order, sources
 from dks_jax.data.sources import DataNotFoundError
 
 __all__ = ["create", "Dataset", "DataNotFoundError", "IN_MEMORY_BYTES"]
@@ -143,6 +145,31 @@ class Dataset:
                              "builds global batches on the devices")
 
 
+def resolve_source(dataset: str, data_dir: str | None, train_split: str, eval_split: str, *,
+            download: bool = True) -> sources.Source:
+    """The Source for config values ``dataset``, ``data_dir``, ``train_split``, ``eval_split``.
+
+    ``dataset`` is a path to an image folder or archive, or a TFDS name; for a name, an
+    image-folder copy under ``data_dir`` (see ``folders.find_folder_copy``) is used before TFDS,
+    and a TFDS data set that is not prepared yet is downloaded and prepared when ``download`` is
+    set.
+    """
+    dataset = str(dataset)
+    if folders.is_path(dataset):
+        path = pathlib.Path(os.path.expanduser(dataset))
+        if not path.exists():
+            raise sources.DataNotFoundError(
+                f"data set {dataset!r} not found: expected an image folder "
+                f"<root>/{train_split}/<class>/<image> or a .tar/.tar.gz archive of that layout"
+            )
+        return folders.image_folder(path, train_split, eval_split)
+    copy = folders.find_folder_copy(dataset, data_dir, train_split)
+    if copy is not None:
+        log.info("data set %s: using the image-folder copy %s", dataset, copy)
+        return folders.image_folder(copy, train_split, eval_split, name=dataset)
+    return tfds_data.tfds_source(dataset, data_dir, train_split, eval_split, download=download)
+
+
 def create(config, mesh, *, process_index: int | None = None,
            process_count: int | None = None) -> Dataset:
     """Builds the data set the config describes, for ``mesh`` (axis ``'data'``).
@@ -173,7 +200,7 @@ def create(config, mesh, *, process_index: int | None = None,
         raise errors.ConfigError(f"config.cutout must be 0 (off) or a square size, not {cutout}")
     order.data_axis_size(mesh)
 
-    source = sources.resolve(dataset, data_dir, train_split, eval_split,
+    source = resolve_source(dataset, data_dir, train_split, eval_split,
                              download=bool(config.download))
     train_examples = int(config.train_examples)
     if train_examples:

@@ -1,7 +1,7 @@
-"""Where examples come from: the splits and sources both loaders read, and ``resolve``.
+"""Where examples come from: the splits and sources both loaders read.
 
 A ``Source`` holds both splits of a data set and what is known about it (classes, image shape,
-normalisation statistics). It is built by ``resolve`` from the config, by one of
+normalisation statistics). ``data.resolve_source`` builds it from the config, by one of
 
 * ``folders.image_folder``: an image folder ``<root>/<split>/<class>/<image>``, as a directory or
   a ``.tar`` / ``.tar.gz`` / ``.tgz`` archive read in place (``folders.py``);
@@ -23,8 +23,6 @@ import collections
 import dataclasses
 import io
 import logging
-import os
-import pathlib
 import threading
 from collections.abc import Sequence
 
@@ -271,31 +269,3 @@ def _hwc(shape) -> str:
 
 
 # ----------------------------------------------------------------------------- resolving
-
-
-def resolve(dataset: str, data_dir: str | None, train_split: str, eval_split: str, *,
-            download: bool = True) -> Source:
-    """The Source for config values ``dataset``, ``data_dir``, ``train_split``, ``eval_split``.
-
-    ``dataset`` is a path to an image folder or archive, or a TFDS name; for a name, an
-    image-folder copy under ``data_dir`` (see ``folders.find_folder_copy``) is used before TFDS,
-    and a TFDS data set that is not prepared yet is downloaded and prepared when ``download`` is
-    set.
-    """
-    # Imported here: both modules build on this one.
-    from dks_jax.data import folders, tfds_data
-
-    dataset = str(dataset)
-    if folders.is_path(dataset):
-        path = pathlib.Path(os.path.expanduser(dataset))
-        if not path.exists():
-            raise DataNotFoundError(
-                f"data set {dataset!r} not found: expected an image folder "
-                f"<root>/{train_split}/<class>/<image> or a .tar/.tar.gz archive of that layout"
-            )
-        return folders.image_folder(path, train_split, eval_split)
-    copy = folders.find_folder_copy(dataset, data_dir, train_split)
-    if copy is not None:
-        log.info("data set %s: using the image-folder copy %s", dataset, copy)
-        return folders.image_folder(copy, train_split, eval_split, name=dataset)
-    return tfds_data.tfds_source(dataset, data_dir, train_split, eval_split, download=download)

@@ -174,7 +174,7 @@ class Branch(nnx.Module):
         from the main path's map ``x`` at the fork, ``float[B, H_in, W_in, C_in]``.
 
         every_block: instead, ``{(branch stage, blocks done): map}`` after every block, in order
-        (for ``dks_jax.analysis``).
+        (for ``dks_jax.tools.analysis``).
         """
         maps = {}
         for j, stage in enumerate(self.stages):

@@ -113,7 +113,7 @@ class Network(nnx.Module):
         ``x``: NHWC images ``float[B, H, W, 3]``, any float dtype; every map is in the compute
         dtype.
 
-        The maps are keyed by position ``(stage, blocks done)``. For analysis (``dks_jax.analysis``):
+        The maps are keyed by position ``(stage, blocks done)``. For analysis (``dks_jax.tools.analysis``):
         offsets: ``{tap: array}`` added to the main path's map at those taps, before both the rest
           of the main path and the branch read it; with zeros, the gradient with respect to an
           offset is the gradient with respect to the shared map.

@@ -29,9 +29,9 @@ all_specs() {
 }
 
 tables() {
-  "$PY" -m dks_jax.sweep --table_only --configs="$(all_specs)" --workdir="$RUNS" \
+  "$PY" -m dks_jax.tools.sweep --table_only --configs="$(all_specs)" --workdir="$RUNS" \
     --results_dir=results --name=cpu_study > /dev/null
-  "$PY" -m dks_jax.curves --workdir="$RUNS" --out="$STUDY" > /dev/null
+  "$PY" -m dks_jax.tools.curves --workdir="$RUNS" --out="$STUDY" > /dev/null
 }
 
 commit() {  # commit only these paths (other staged work stays staged); retry while git is busy
@@ -52,8 +52,8 @@ for phase in "${PHASES[@]}"; do
       run="$RUNS/$name/seed$seed"
       [[ -f $run/result.json ]] && continue
       echo "$(date '+%F %T') $name seed $seed: training"
-      nice -n 10 "$PY" -m dks_jax.sweep --configs="configs/cpu_study.py:$preset" --seeds="$seed-$seed" \
-        --workdir="$RUNS" --results_dir="$RUNS/.tables" --set "data_dir=$DATA_DIR" \
+      nice -n 10 "$PY" -m dks_jax.tools.sweep --configs="configs/cpu_study.py:$preset" --seeds="$seed-$seed" \
+        --workdir="$RUNS" --results_dir="$RUNS/.tables" "--config.data_dir=$DATA_DIR" \
         >> "$RUNS/sweep.log" 2>&1
       [[ -f $run/result.json ]] || { echo "$name seed $seed did not finish: see $RUNS/sweep.log"; exit 1; }
       tables

@@ -1,19 +1,19 @@
 """The speed comparison in one command: JAX and PyTorch, the same sizes, the same device.
 
-    python benchmarks/compare.py                              # every case below
-    python benchmarks/compare.py --cases resnet18_baseline,resnet18_dks --steps 50
-    python benchmarks/compare.py --dry_run                    # print the commands only
+    python -m dks_jax.tools.bench_compare                     # every case below
+    python -m dks_jax.tools.bench_compare --cases=resnet18_baseline,resnet18_dks --steps=50
+    python -m dks_jax.tools.bench_compare --dry_run           # print the commands only
+    python -m dks_jax.tools.bench_compare -- --num_devices=1  # more benchmark flags after --
 
-Each case is one ``python -m dks_jax.benchmark ... --compare_torch`` in a subprocess of its own (a
+Each case is one ``python -m dks_jax.tools.benchmark ... --compare_torch`` in a subprocess of its own (a
 fresh process per case: the PyTorch reference runs first, then JAX, so neither holds the GPU's memory
 while the other runs). Every case writes one JSON record to ``--output``; at the end the records of
-this invocation are printed as the README table (``make_table.py``). A case that fails is reported
+this invocation are printed as the README table (``bench_table.py``). A case that fails is reported
 and the others still run; the exit status is 1 if any failed.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import pathlib
 import shlex
@@ -21,11 +21,11 @@ import subprocess
 import sys
 import time
 
-HERE = pathlib.Path(__file__).resolve().parent
-REPO = HERE.parent
-sys.path.insert(0, str(HERE))
+from absl import flags
 
-import make_table  # noqa: E402
+from dks_jax.tools import bench_table, cli
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 # name -> benchmark flags. ImageNet cases: batch 256, 224 px, bf16; the torch comparison
 # needs a model the reference has (torchvision-layout ResNets).
@@ -43,10 +43,10 @@ CASES = {
 }
 
 
-def case_command(name: str, args) -> list[str]:
+def case_command(name: str, args, extra: list[str] = ()) -> list[str]:
     spec = dict(CASES[name])
     with_torch = spec.pop("torch") and not args.no_torch
-    cmd = [args.python, "-m", "dks_jax.benchmark"]
+    cmd = [args.python, "-m", "dks_jax.tools.benchmark"]
     cmd += [f"--{k}={v}" for k, v in spec.items()]
     cmd += [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--output={args.output}"]
     if with_torch:
@@ -54,35 +54,42 @@ def case_command(name: str, args) -> list[str]:
         if args.torch_python:
             cmd.append(f"--torch_python={args.torch_python}")
         cmd.append(f"--torch_compile={args.torch_compile}")
-    return cmd + list(args.extra)
+    return cmd + list(extra)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--cases", default=",".join(CASES),
-                   help=f"comma-separated, from: {', '.join(CASES)}")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--output", default="benchmarks/results",
-                   help="folder of the records (relative to the repository root)")
-    p.add_argument("--python", default=sys.executable, help="Python with JAX and dks_jax's needs")
-    p.add_argument("--torch_python", default="", help="Python with PyTorch (default: --python)")
-    p.add_argument("--torch_compile", default="auto", choices=["auto", "on", "off"])
-    p.add_argument("--no_torch", action="store_true", help="JAX only")
-    p.add_argument("--dry_run", action="store_true", help="print the commands, run nothing")
-    p.add_argument("extra", nargs="*", help="more dks_jax.benchmark flags (after --)")
-    args = p.parse_args(argv)
-    names = [n.strip() for n in args.cases.split(",") if n.strip()]
+def define_flags(fv: flags.FlagValues) -> None:
+    kw = {"flag_values": fv}
+    flags.DEFINE_list("cases", list(CASES), f"from: {', '.join(CASES)}", **kw)
+    flags.DEFINE_integer("steps", 50, "timed steps per case", **kw)
+    flags.DEFINE_integer("warmup", 5, "untimed steps per case", **kw)
+    flags.DEFINE_string("output", "results/benchmarks",
+                        "folder of the records (relative to the repository root)", **kw)
+    flags.DEFINE_string("python", sys.executable, "Python with JAX and dks_jax's needs", **kw)
+    flags.DEFINE_string("torch_python", "", "Python with PyTorch (default: --python)", **kw)
+    flags.DEFINE_enum("torch_compile", "auto", ["auto", "on", "off"], "torch.compile", **kw)
+    flags.DEFINE_bool("no_torch", False, "JAX only", **kw)
+    flags.DEFINE_bool("dry_run", False, "print the commands, run nothing", **kw)
+
+
+def main(argv) -> int:
+    """``argv`` without the program name; arguments after ``--`` go to every benchmark."""
+    argv = list(argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    args, rest = cli.parse(define_flags, argv, "python -m dks_jax.tools.bench_compare", __doc__)
+    if rest:
+        raise cli.UsageError(f"Unexpected arguments {rest}: give benchmark flags after --.")
+    names = [n.strip() for n in args.cases if n.strip()]
     unknown = [n for n in names if n not in CASES]
     if unknown:
-        p.error(f"unknown cases {unknown}; valid: {', '.join(CASES)}")
+        raise cli.UsageError(f"unknown cases {unknown}; valid: {', '.join(CASES)}")
 
     out = REPO / args.output  # an absolute --output stays as it is
     before = set(out.glob("*.json")) if out.is_dir() else set()
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     failed = []
     for name in names:
-        cmd = case_command(name, args)
+        cmd = case_command(name, args, extra)
         print(f"== {name}: {shlex.join(cmd)}", flush=True)
         if args.dry_run:
             continue
@@ -94,7 +101,7 @@ def main(argv=None) -> int:
     if not args.dry_run:
         new = sorted(set(out.glob("*.json")) - before) if out.is_dir() else []
         print()
-        print(make_table.render(make_table.load_records(new)), end="")
+        print(bench_table.render(bench_table.load_records(new)), end="")
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
         return 1
@@ -102,4 +109,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

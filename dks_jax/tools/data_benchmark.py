@@ -1,6 +1,6 @@
 """Images per second of the input pipelines on this machine (printed, not a test).
 
-    python -m dks_jax.data.benchmark [--data_dir=../shared/data] [--seconds=8]
+    python -m dks_jax.tools.data_benchmark [--data_dir=../shared/data] [--seconds=8]
 
 Measures, on the default JAX devices (the host CPU unless an accelerator is present):
 
@@ -16,7 +16,6 @@ Each figure is global images per second after a warm-up (compilation, pipeline s
 
 from __future__ import annotations
 
-import argparse
 import io
 import os
 import pathlib
@@ -26,16 +25,29 @@ import time
 
 import jax
 import numpy as np
+from absl import flags
+
+from dks_jax import config_base, data
+from dks_jax.tools import cli
+
+DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("data_dir", str(DEFAULT_DATA_DIR), "folder holding cifar10-jpeg.tar.gz",
+                        flag_values=fv)
+    flags.DEFINE_float("seconds", 8.0, "time per measurement", flag_values=fv)
+    flags.DEFINE_integer("batch", 128, "CIFAR global batch", flag_values=fv)
+    flags.DEFINE_integer("imagenet_batch", 32, "ImageNet global batch", flag_values=fv)
 
 
 def _config(**kw):
-    import ml_collections
-
-    base = dict(dataset="cifar10", data_dir="", train_split="train", eval_split="test",
-                loader="auto", augment="cifar", image_size=32, resize_mode="both_sides",
-                cutout=0, label_noise=0.0, seed=0)
-    base.update(kw)
-    return ml_collections.ConfigDict(base)
+    config = config_base.base()
+    config.update(dict(dataset="cifar10", data_dir="", train_split="train", eval_split="test",
+                       loader="auto", augment="cifar", image_size=32, resize_mode="both_sides",
+                       cutout=0, label_noise=0.0, seed=0))
+    config.update(kw)
+    return config
 
 
 def _rate(iterator, batch, seconds, warmup=3):
@@ -89,23 +101,16 @@ def _mock_imagenet(tmp, num_train, num_eval):
                                   as_dataset_fn=as_dataset)
 
 
-def main(argv=None):
-    from dks_jax import data
-    from dks_jax.data import sources
+def main(argv) -> list:
+    """``argv`` without the program name; returns the rows ``(name, value, unit)``."""
+    from dks_jax.data import folders
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    default_dir = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
-    parser.add_argument("--data_dir", default=str(default_dir),
-                        help="folder holding cifar10-jpeg.tar.gz")
-    parser.add_argument("--seconds", type=float, default=8.0, help="time per measurement")
-    parser.add_argument("--batch", type=int, default=128, help="CIFAR global batch")
-    parser.add_argument("--imagenet_batch", type=int, default=32, help="ImageNet global batch")
-    args = parser.parse_args(argv)
+    args, _ = cli.parse(define_flags, argv, "python -m dks_jax.tools.data_benchmark", __doc__)
 
     devices = jax.devices()
     mesh = jax.make_mesh((len(devices),), ("data",),
                          axis_types=(jax.sharding.AxisType.Explicit,), devices=devices)
-    print(f"# dks_jax.data benchmark — {platform.node()}, {os.cpu_count()} CPU cores, "
+    print(f"# dks_jax input pipeline benchmark — {platform.node()}, {os.cpu_count()} CPU cores, "
           f"JAX {jax.__version__} on {len(devices)} x {devices[0].device_kind}")
     print(f"# {time.strftime('%Y-%m-%d %H:%M')}; each figure: global images/s after warm-up")
     rows = []
@@ -114,12 +119,12 @@ def main(argv=None):
         rows.append((name, value, unit))
         print(f"{name:<70} {value:>9,.0f} {unit}", flush=True)
 
-    archive = sources.find_folder_copy("cifar10", args.data_dir, "train")
+    archive = folders.find_folder_copy("cifar10", args.data_dir, "train")
     if archive is None:
         print(f"no CIFAR-10 copy under {args.data_dir}: skipping the CIFAR-10 figures")
     else:
         t0 = time.perf_counter()
-        src = sources.image_folder(archive, "train", "test", name="cifar10")
+        src = folders.image_folder(archive, "train", "test", name="cifar10")
         t1 = time.perf_counter()
         src.train.decode_all()
         src.eval.decode_all()
@@ -163,5 +168,10 @@ def main(argv=None):
     return rows
 
 
+def _command(argv) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    cli.run(_command)

@@ -1,24 +1,27 @@
-"""README tables from the benchmark records (``benchmarks/results/*.json``).
+"""README tables from the benchmark records (``results/benchmarks/*.json``).
 
-    python benchmarks/make_table.py                      # every record under benchmarks/results
-    python benchmarks/make_table.py results/a.json dir/  # given files and folders
-    python benchmarks/make_table.py --output /tmp/table.md --all
-    python benchmarks/make_table.py --device H100         # only records of matching devices
+    python -m dks_jax.tools.bench_table                       # every record under results/benchmarks
+    python -m dks_jax.tools.bench_table results/a.json dir/   # given files and folders
+    python -m dks_jax.tools.bench_table --output=/tmp/table.md --all
+    python -m dks_jax.tools.bench_table --device=H100         # only records of matching devices
 
 Prints (or writes) Markdown: one row per measurement (by default the newest record of each
 configuration; ``--all`` keeps every record), then the speed targets where both sides of a ratio
 were measured on the same device: the DKS step-time overhead over the plain baseline against the
-multiply-add ratio, and JAX over PyTorch (measured in the same command). Standard library only.
+multiply-add ratio, and JAX over PyTorch (measured in the same command).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import pathlib
 import sys
 
-DEFAULT_DIR = pathlib.Path(__file__).resolve().parent / "results"
+from absl import flags
+
+from dks_jax.tools import cli
+
+DEFAULT_DIR = pathlib.Path(__file__).resolve().parents[2] / "results" / "benchmarks"
 REQUIRED_KEYS = (
     "device", "jax_version", "date", "command", "model", "aux", "method", "batch_size",
     "image_size", "dtype", "images_per_sec", "step_ms", "compile_s", "macs_per_image",
@@ -155,16 +158,19 @@ def render(records: list[dict]) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def main(argv=None) -> str:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("paths", nargs="*", default=[str(DEFAULT_DIR)],
-                   help="record files or folders (default: benchmarks/results)")
-    p.add_argument("--all", action="store_true", help="every record, not the newest per config")
-    p.add_argument("--device", default="",
-                   help="only records whose device contains this text (case-insensitive), e.g. H100")
-    p.add_argument("--output", default="", help="write the Markdown here instead of stdout")
-    args = p.parse_args(argv)
-    records = load_records(args.paths)
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_bool("all", False, "every record, not the newest per config", flag_values=fv)
+    flags.DEFINE_string("device", "", "only records whose device contains this text "
+                        "(case-insensitive), e.g. H100", flag_values=fv)
+    flags.DEFINE_string("output", "", "write the Markdown here instead of stdout", flag_values=fv)
+
+
+def main(argv) -> str:
+    """``argv``: record files or folders (default: results/benchmarks) and flags; returns the
+    Markdown."""
+    args, record_paths = cli.parse(define_flags, argv, "python -m dks_jax.tools.bench_table",
+                                   __doc__)
+    records = load_records(record_paths or [str(DEFAULT_DIR)])
     if args.device:
         records = [r for r in records if args.device.lower() in r["device"].lower()]
     if not args.all:
@@ -177,5 +183,10 @@ def main(argv=None) -> str:
     return text
 
 
+def _command(argv) -> int:
+    main(argv)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    cli.run(_command)

@@ -1,7 +1,8 @@
-"""Training-step speed: ``python -m dks_jax.benchmark --model=resnet18 --method=dks``.
+"""Training-step speed: ``python -m dks_jax.tools.benchmark --model=resnet18 --method=dks``.
 
-Builds the real training step of ``train.py`` (model, objective, optimizer, ``jax.jit`` with the state
-donated) on synthetic data already on the devices (sharded over the mesh's ``'data'`` axis), then:
+Builds the real training step (``state.create``, ``steps.train_step``: model, objective, optimizer;
+``jax.jit`` with the state donated) on synthetic data already on the devices (sharded over the
+mesh's ``'data'`` axis), then:
 
 - times ``lower`` and ``compile`` separately (``compile_s`` is their sum; no persistent compilation
   cache is used unless the environment turns one on);
@@ -20,8 +21,8 @@ donated) on synthetic data already on the devices (sharded over the mesh's ``'da
   backward passes; 2: one multiply-add is two floating-point operations.
 
 One JSON record per measurement is written to ``--output`` (a folder, default
-``benchmarks/results/``, or a ``.json`` path), with the keys of :data:`REQUIRED_KEYS` and more.
-``--compare_torch`` first runs the PyTorch reference (``benchmarks/torch_reference.py``) in a
+``results/benchmarks/``, or a ``.json`` path), with the keys of :data:`REQUIRED_KEYS` and more.
+``--compare_torch`` first runs the PyTorch reference (``torch_reference.py`` beside this file) in a
 subprocess on the same device with the same sizes, *before* JAX touches the device (JAX pre-allocates
 most of a GPU's memory), and adds ``torch_images_per_sec`` and the ratio to the record.
 """
@@ -52,15 +53,19 @@ if __name__ == "__main__":  # the command line: the CPU defaults of dks_jax.main
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 
-from dks_jax import config_base, models, optim, parallel, seeds, train  # noqa: E402
+from dks_jax import config_base, models, parallel, seeds, steps  # noqa: E402
+from dks_jax import state as state_lib  # noqa: E402
+from dks_jax.tools import cli  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-DEFAULT_OUTPUT = "benchmarks/results"
-TORCH_SCRIPT = REPO / "benchmarks" / "torch_reference.py"
+REPO = pathlib.Path(__file__).resolve().parents[2]
+DEFAULT_OUTPUT = "results/benchmarks"
+PROG = "python -m dks_jax.tools.benchmark"
+TORCH_SCRIPT = pathlib.Path(__file__).resolve().parent / "torch_reference.py"
 # A nominal epoch length for the learning-rate schedule (the schedule's values do not change speed).
 STEPS_PER_EPOCH = 1000
-TORCH_METHODS = ("baseline", "ds", "dks")  # what benchmarks/torch_reference.py implements
+TORCH_METHODS = ("baseline", "ds", "dks")  # what torch_reference.py implements
 TORCH_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
 
 # Keys every record has, plus ``torch_images_per_sec`` when a comparison ran.
@@ -153,8 +158,8 @@ class Options:
         if self.method not in config_base.METHODS or self.method == "kd":
             valid = [m for m in config_base.METHODS if m != "kd"]
             raise ValueError(f"method {self.method!r} cannot be benchmarked; valid: {valid}")
-        if self.dtype not in train.DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(train.DTYPES)}")
+        if self.dtype not in state_lib.DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(state_lib.DTYPES)}")
         if self.num_seeds < 1:
             raise ValueError(f"num_seeds must be at least 1, got {self.num_seeds}")
         if self.steps < 1 or self.warmup < 1 or self.num_batches < 1:
@@ -247,22 +252,13 @@ def measure_jax(options: Options) -> dict:
     mesh = parallel.create_mesh(devices)
     parallel.check_batch_size(o.batch_size, mesh)
     config = build_config(o)
-    total_steps = optim.total_steps(config, STEPS_PER_EPOCH)
-
-    model = train.create_model(config, o.num_classes)
-    num_heads = model.num_heads
-    tx, schedule = optim.create_optimizer(config, STEPS_PER_EPOCH)
-    graphdef, state = train.initial_state(model, tx)
-    del model
-    num_params = int(sum(x.size for x in jax.tree.leaves(state["params"])))
-    spec = train.objective_spec(config, num_heads, STEPS_PER_EPOCH, total_steps)
-    step_fn = train.make_train_step(graphdef, tx, schedule, spec, o.seed)
-    if o.num_seeds > 1:  # the vmapped program of config.num_seeds (dks_jax.seeds)
-        seed_list = [o.seed + i for i in range(o.num_seeds)]
-        graphdef, state = seeds.init_states(config, o.num_classes, seed_list, tx)
-        step_fn = seeds.vmap_seeded_step(
-            lambda k: train.make_train_step(graphdef, tx, schedule, spec, k), seed_list)
-    state = parallel.replicate(state, mesh)
+    # With several seeds, the vmapped program of config.num_seeds (dks_jax.seeds).
+    seed_list = [o.seed + i for i in range(o.num_seeds)] if o.num_seeds > 1 else None
+    setup = state_lib.create(config, o.num_classes, STEPS_PER_EPOCH, seeds=seed_list)
+    num_heads, num_params = setup.num_heads, setup.num_params
+    step_fn = steps.train_step(setup, o.seed)
+    state = parallel.replicate(setup.state, mesh)
+    del setup
     batches = synthetic_batches(o, mesh)
     jax.block_until_ready((state, batches))
 
@@ -355,7 +351,7 @@ def measure_jax(options: Options) -> dict:
 
 def torch_command(options: Options, json_out: str, *, python: str | None = None,
                   compile_mode: str = "auto") -> list[str]:
-    """The command line of ``benchmarks/torch_reference.py`` for the same measurement."""
+    """The command line of the PyTorch reference (``torch_reference.py``) for the same measurement."""
     o = options.resolved()
     if o.model not in TORCH_MODELS:
         raise ValueError(f"the PyTorch reference has models {TORCH_MODELS}, not {o.model!r}")
@@ -507,11 +503,8 @@ def summary(record: dict) -> str:
 # ---- command line -------------------------------------------------------------------------------
 
 
-def define_flags(flag_values=None):
-    """Defines the command-line flags on ``flag_values`` (default: absl's global ``FLAGS``)."""
-    from absl import flags
-
-    fv = flags.FLAGS if flag_values is None else flag_values
+def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
+    """Defines the command-line flags on ``fv``."""
     d = Options()
     kw = {"flag_values": fv}
     flags.DEFINE_string("model", d.model, f"Registry name: {', '.join(models.names())}.", **kw)
@@ -525,7 +518,7 @@ def define_flags(flag_values=None):
                          **kw)
     flags.DEFINE_integer("num_classes", d.num_classes, "0 = 1000 for ImageNet models, else 10.",
                          **kw)
-    flags.DEFINE_enum("dtype", d.dtype, list(train.DTYPES), "Compute dtype (parameters float32).",
+    flags.DEFINE_enum("dtype", d.dtype, list(state_lib.DTYPES), "Compute dtype (parameters float32).",
                       **kw)
     flags.DEFINE_integer("steps", d.steps, "Timed steps (median reported).", **kw)
     flags.DEFINE_integer("warmup", d.warmup, "Untimed steps after compilation.", **kw)
@@ -539,7 +532,7 @@ def define_flags(flag_values=None):
     flags.DEFINE_integer("seed", d.seed, "Seed of the parameters and the synthetic data.", **kw)
     flags.DEFINE_string("output", DEFAULT_OUTPUT, "Folder for a new record, or a .json path; "
                         "'' writes none.", **kw)
-    flags.DEFINE_bool("compare_torch", False, "Also run benchmarks/torch_reference.py (first, "
+    flags.DEFINE_bool("compare_torch", False, "Also run the PyTorch reference (first, "
                       "in a subprocess) and record torch_images_per_sec.", **kw)
     flags.DEFINE_string("torch_python", None, "Python that runs the PyTorch reference "
                         "(default: this one).", **kw)
@@ -574,9 +567,11 @@ def run(options: Options, *, command: str, output: str | None = DEFAULT_OUTPUT,
     return record
 
 
-def run_from_flags(fv, argv: list[str]) -> dict:
-    """Runs the measurement described by parsed flags; prints the summary; returns the record."""
-    command = "python -m dks_jax.benchmark " + shlex.join(argv[1:])
+def record_from_argv(argv: list[str]) -> dict:
+    """Runs the measurement of a command line (without the program name); prints the summary;
+    returns the record."""
+    fv, _ = cli.parse(define_flags, argv, PROG, __doc__)
+    command = f"{PROG} " + shlex.join(argv)
     record = run(options_from_flags(fv), command=command.strip(), output=fv.output,
                  compare_torch=fv.compare_torch, torch_python=fv.torch_python,
                  torch_compile=fv.torch_compile, torch_timeout=fv.torch_timeout)
@@ -586,26 +581,11 @@ def run_from_flags(fv, argv: list[str]) -> dict:
     return record
 
 
-def cli(argv: list[str]) -> dict:
-    """``python -m dks_jax.benchmark`` without absl's global flags (for tests and scripts)."""
-    from absl import flags
-
-    fv = define_flags(flags.FlagValues())
-    fv(argv)
-    return run_from_flags(fv, argv)
-
-
-def main(argv):
-    from absl import app, flags
-
-    if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def main(argv: list[str]) -> int:
     logging.getLogger().setLevel(logging.INFO)
-    run_from_flags(flags.FLAGS, sys.argv)
+    record_from_argv(argv)
+    return 0
 
 
 if __name__ == "__main__":
-    from absl import app
-
-    define_flags()
-    app.run(main)
+    cli.run(main)

@@ -1,7 +1,11 @@
 """PyTorch reference for the speed comparison: the same model, loss and optimizer.
 
-    python benchmarks/torch_reference.py --model resnet50 --aux none --method baseline \
+    python dks_jax/tools/torch_reference.py --model resnet50 --aux none --method baseline \
         --batch_size 256 --image_size 224 --dtype bfloat16 --json_out /tmp/torch.json
+
+A standalone script (PyTorch and the standard library only, hence argparse, not absl): it runs in a
+PyTorch environment that need not have dks_jax's dependencies. ``benchmark.py --compare_torch``
+runs it in a subprocess.
 
 Models: ImageNet ResNets in torchvision's layout. ``--aux none`` uses ``torchvision.models.<name>``
 when torchvision is importable (``--impl auto``), else this file's own ResNet (the same layers and
