@@ -15,10 +15,10 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from dks_jax import errors
+from dks_jax import errors, paths
 from dks_jax.losses import METHODS
 
-__all__ = ["METHODS", "base", "load", "parse_preset", "to_dict", "with_method"]
+__all__ = ["METHODS", "base", "from_run", "load", "parse_preset", "to_dict", "with_method"]
 
 
 def base() -> ml_collections.ConfigDict:
@@ -196,6 +196,18 @@ def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
     for k, v in tree.items():
         out.extend(_flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k])
     return out
+
+
+def from_run(workdir) -> ml_collections.ConfigDict:
+    """The config a run folder was trained with (its ``config.json``), on top of :func:`base` so
+    that a field added since then has its default."""
+    path = paths.as_path(workdir) / "config.json"
+    if not path.exists():
+        raise errors.ConfigError(f"{workdir} holds no config.json: is it a run folder of dks_jax?")
+    saved = json.loads(path.read_text())
+    config = base()
+    config.update(saved)
+    return config
 
 
 def to_dict(config: ml_collections.ConfigDict) -> dict:

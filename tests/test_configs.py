@@ -2,6 +2,7 @@
 abstractly (jax.eval_shape: nothing is allocated or trained)."""
 
 import importlib.util
+import json
 import pathlib
 import re
 
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from dks_jax import config_base, optim, train
+from dks_jax import config_base, errors, optim, train
 from dks_jax import state as state_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -86,3 +87,17 @@ def test_bad_preset_is_a_clear_error(bad):
     path = CONFIGS / ("densenet40_noisy_cifar10.py" if "," in bad else "cifar100_resnet32.py")
     with pytest.raises(ValueError, match="preset|noise"):
         load(path, bad)
+
+
+def test_from_run_fills_fields_added_since(tmp_path):
+    """A run's config.json from before a field existed loads with that field's default."""
+    saved = config_base.to_dict(config_base.with_method(config_base.base(), "dks"))
+    saved["loss"]["beta"] = 0.25
+    del saved["train_examples"], saved["loss"]["byot_lambda"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    config = config_base.from_run(tmp_path)
+    assert config.method == "dks" and config.loss.beta == 0.25
+    assert config.train_examples == config_base.base().train_examples
+    assert config.loss.byot_lambda == config_base.base().loss.byot_lambda
+    with pytest.raises(errors.ConfigError, match="no config.json"):
+        config_base.from_run(tmp_path / "elsewhere")

@@ -88,7 +88,7 @@ class DenseNet:
         self.dropout = float(dropout)
 
     def stem(self, cfg, rngs):
-        return _StemConv(self.stem_features, cfg, rngs)
+        return layers.StemConv(self.stem_features, cfg=cfg, rngs=rngs)
 
     def stage(self, index, in_features, spec, cfg, rngs):
         blocks, ch = [], in_features
@@ -104,15 +104,6 @@ class DenseNet:
 
     def head_norm(self, features, cfg):
         return layers.NormAct(features, cfg=cfg)
-
-
-class _StemConv(nnx.Module):
-    def __init__(self, features, cfg, rngs):
-        self.conv = layers.Conv(3, features, 3, dtype=cfg.dtype, rngs=rngs)
-        self.out_features = features
-
-    def __call__(self, x, *, train, rngs=None):
-        return self.conv(x)
 
 
 def _densenet(depth: int, k: int, bc: bool, c3: tuple[int, int], c2: int, published: str):

@@ -234,6 +234,19 @@ class ConvBN(nnx.Module):
         return jax.nn.relu(y) if self.relu else y
 
 
+class StemConv(nnx.Module):
+    """A 3x3 convolution from RGB, without normalisation: the stem of the pre-activation nets
+    (WRN, DenseNet), whose first block normalises and activates it.
+    ``float[B, H, W, 3] -> float[B, H, W, features]``."""
+
+    def __init__(self, features: int, *, cfg, rngs: nnx.Rngs):
+        self.conv = Conv(3, features, 3, dtype=cfg.dtype, rngs=rngs)
+        self.out_features = features
+
+    def __call__(self, x, *, train, rngs=None):
+        return self.conv(x)
+
+
 class NormAct(nnx.Module):
     """BatchNorm -> ReLU (the final norm of pre-activation networks)."""
 

@@ -59,7 +59,7 @@ class WideResNet:
         self.dropout = float(dropout)
 
     def stem(self, cfg, rngs):
-        return _StemConv(cfg, rngs)
+        return layers.StemConv(16, cfg=cfg, rngs=rngs)  # the first block pre-activates it
 
     def stage(self, index, in_features, spec, cfg, rngs):
         stride = self.strides[index] if spec.stride is None else spec.stride
@@ -71,17 +71,6 @@ class WideResNet:
 
     def head_norm(self, features, cfg):
         return layers.NormAct(features, cfg=cfg)
-
-
-class _StemConv(nnx.Module):
-    """conv1 3x3,16 without normalisation (the first block pre-activates it)."""
-
-    def __init__(self, cfg, rngs):
-        self.conv = layers.Conv(3, 16, 3, dtype=cfg.dtype, rngs=rngs)
-        self.out_features = 16
-
-    def __call__(self, x, *, train, rngs=None):
-        return self.conv(x)
 
 
 def _wrn(depth: int, k: int, published: str) -> ModelSpec:

@@ -43,12 +43,11 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import flags
 from flax import nnx
 
-from dks_jax import checkpointing, data, parallel, paths
+from dks_jax import checkpointing, config_base, data, parallel, paths
 from dks_jax import state as state_lib
 from dks_jax.evaluator import gradient_consistency
 from dks_jax.tools import cli, curves
@@ -248,7 +247,7 @@ def load_run(workdir):
     One device; the data set is built from the run's ``config.json`` (``data.create``).
     """
     workdir = paths.as_path(workdir)
-    config = ml_collections.ConfigDict(json.loads((workdir / "config.json").read_text()))
+    config = config_base.from_run(workdir)
     mesh = parallel.create_mesh(jax.devices()[:1])
     dataset = data.create(config, mesh)
     graphdef, shapes = state_lib.abstract(config, config.num_classes or dataset.num_classes)
