@@ -239,11 +239,13 @@ class StemConv(nnx.Module):
     (WRN, DenseNet), whose first block normalises and activates it.
     ``float[B, H, W, 3] -> float[B, H, W, features]``."""
 
-    def __init__(self, features: int, *, cfg, rngs: nnx.Rngs):
+    def __init__(self, features: int, *, cfg: LayerConfig, rngs: InitRngs):
         self.conv = Conv(3, features, 3, dtype=cfg.dtype, rngs=rngs)
         self.out_features = features
 
     def __call__(self, x, *, train, rngs=None):
+        """``float[B, H, W, 3]`` -> ``[B, H, W, features]`` (compute dtype). ``train`` and
+        ``rngs`` are unused."""
         return self.conv(x)
 
 
