@@ -11,6 +11,7 @@ fixed size; ``batch["mask"]`` (bool ``[B]``) is False on the padding, which coun
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -150,7 +151,7 @@ class Evaluator:
         totals = jax.device_get(totals)
         count = np.asarray(totals.pop("count"))
         values = {f"eval_{k}": 100.0 * np.asarray(v, np.float64) / count for k, v in totals.items()}
-        result = {k: float(np.mean(v)) for k, v in values.items()}
+        result: dict[str, Any] = {k: float(np.mean(v)) for k, v in values.items()}
         result["eval_count"] = int(np.ravel(count)[0])
         if self._consistency is not None:
             p = self._probe

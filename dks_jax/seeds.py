@@ -63,10 +63,10 @@ def vmap_seeded_step(make_step: Callable[[jax.Array], Callable], seeds: Sequence
     DHM's branch mask) are drawn from each seed's own key, exactly as ``make_step(seeds[i])`` would.
     ``make_step`` must only use the seed through ``jax.random`` (no Python ``int(seed)``).
     """
-    seeds = jnp.asarray(list(seeds), jnp.int32)
+    seed_array = jnp.asarray(list(seeds), jnp.int32)
 
     def stepped(state, batch, *shared):
-        return jax.vmap(lambda k, s, b: make_step(k)(s, b, *shared))(seeds, state, batch)
+        return jax.vmap(lambda k, s, b: make_step(k)(s, b, *shared))(seed_array, state, batch)
 
     return stepped
 

@@ -88,8 +88,8 @@ def pure(state: nnx.State) -> dict:
 
 def initial_state(model: nnx.Module, tx: optax.GradientTransformation) -> tuple[nnx.GraphDef, dict]:
     """``(graphdef, state)`` of a freshly initialised model and optimizer."""
-    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
-    params, batch_stats = pure(params), pure(batch_stats)
+    graphdef, *states = nnx.split(model, nnx.Param, nnx.BatchStat)
+    params, batch_stats = (pure(s) for s in states)
     state = {
         "step": jnp.zeros((), jnp.int32),
         "params": params,

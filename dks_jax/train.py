@@ -359,7 +359,8 @@ class _TrainLog:
     """The train metrics of the steps since the last log, kept on the devices (no host sync per
     step) until :meth:`flush` averages and writes them, and stops on a non-finite loss."""
 
-    def __init__(self, config, workdir, ckpts, writer, start_step, steps_per_epoch, total_steps):
+    def __init__(self, config, workdir, ckpts, writer, start_step: int, steps_per_epoch: int,
+                 total_steps: int) -> None:
         self.config, self.workdir, self.ckpts, self.writer = config, workdir, ckpts, writer
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
         self.first_step = start_step

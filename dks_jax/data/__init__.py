@@ -32,6 +32,7 @@ import itertools
 import logging
 import os
 import pathlib
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
@@ -40,6 +41,10 @@ from dks_jax import errors
 from dks_jax.data import folders, order, sources, tfds_data
 from dks_jax.data import noise as noise_lib
 from dks_jax.data.sources import DataNotFoundError
+
+if TYPE_CHECKING:  # imported where used: the loaders are needed only once a data set is built
+    from dks_jax.data.in_memory import InMemoryLoader
+    from dks_jax.data.streaming import StreamingLoader
 
 __all__ = ["create", "Dataset", "DataNotFoundError", "IN_MEMORY_BYTES"]
 
@@ -223,10 +228,14 @@ def create(config, mesh, *, process_index: int | None = None,
     elif loader == "in_memory" and not in_memory_ok:
         raise errors.ConfigError(f"loader='in_memory' is not possible for {source.location}: {why}")
 
+    impl: InMemoryLoader | StreamingLoader
     if loader == "in_memory":
         from dks_jax.data.in_memory import InMemoryLoader
 
-        clean = np.asarray(source.train.labels)
+        train, ev = source.train, source.eval
+        # in_memory_ok: source.random_access, both splits served by index
+        assert isinstance(train, sources.IndexedSplit) and isinstance(ev, sources.IndexedSplit)
+        clean = np.asarray(train.labels)
         labels_for_seed = None
         if noise is not None:
             # Each seed's own noise, as a run with config.seed = s draws it (config.num_seeds).
@@ -234,8 +243,8 @@ def create(config, mesh, *, process_index: int | None = None,
                 len(clean), source.num_classes, fraction, s).apply(clean)
         impl = InMemoryLoader(
             mesh,
-            (source.train.decode_all(), noise.apply(clean) if noise is not None else clean),
-            (source.eval.decode_all(), np.asarray(source.eval.labels, np.int32)),
+            (train.decode_all(), noise.apply(clean) if noise is not None else clean),
+            (ev.decode_all(), np.asarray(ev.labels, np.int32)),
             augment=augment, cutout=cutout, mean=source.mean, std=source.std, seed=seed,
             labels_for_seed=labels_for_seed,
         )

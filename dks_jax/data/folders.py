@@ -138,9 +138,8 @@ def image_folder(path, train_split: str, eval_split: str, *, name: str | None = 
             cache_key=f"folder:{location}:{stamp}:{split}",
         )
     train = splits[train_split]
-    mean, std = KNOWN_STATS.get(name, (None, None)) if name else (None, None)
-    if mean is None:
-        mean, std = estimate_stats(train)
+    known = KNOWN_STATS.get(name) if name else None
+    mean, std = known if known is not None else estimate_stats(train)
     return Source(
         name=name or path.name,
         kind="image_folder",
@@ -148,8 +147,8 @@ def image_folder(path, train_split: str, eval_split: str, *, name: str | None = 
         num_classes=len(class_names),
         class_names=class_names,
         image_shape=train.first_shape(),
-        mean=tuple(mean),
-        std=tuple(std),
+        mean=mean,
+        std=std,
         train=train,
         eval=splits[eval_split],
     )
@@ -264,7 +263,9 @@ def _read_archive(path: str, splits: tuple[str, ...]):
                     continue
                 cls = found.setdefault(parts[-3], {}).setdefault(parts[-2], [])
                 if _is_image(parts[-1]):
-                    cls.append((f"{path}::{member.name}", tar.extractfile(member).read()))
+                    f = tar.extractfile(member)
+                    assert f is not None  # a regular file (member.isfile() above)
+                    cls.append((f"{path}::{member.name}", f.read()))
             end = getattr(tar, "_end_seen", None)
     except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
         raise ValueError(f"cannot read the archive {path}: {e}") from e

@@ -84,7 +84,7 @@ class InMemoryLoader:
                                    **common)
         self._eval_fn = _batch_fn(mesh, hw, augment="none", cutout=0, train=False, **common)
         self._seed = np.uint32(self.seed % 2**32)
-        self._perms = {}  # seed -> (epoch, permutation on the devices)
+        self._perms: dict[int, tuple[int, jax.Array]] = {}  # seed -> (epoch, permutation on the devices)
         self._labels_for_seed = labels_for_seed
         self._seed_labels = {self.seed: self._train_y}  # seed -> its training labels (replicated)
 

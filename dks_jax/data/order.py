@@ -116,6 +116,7 @@ def process_rows(
     sharding = NamedSharding(mesh, P("data"))
     spans = set()
     for index in sharding.addressable_devices_indices_map((global_batch,)).values():
+        assert index is not None  # a NamedSharding gives every device a slice
         s = index[0]
         spans.add((s.start or 0, global_batch if s.stop is None else s.stop))
     return np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in sorted(spans)])

@@ -30,8 +30,10 @@ import numpy as np
 
 from dks_jax import errors
 
+# A per-channel value, (R, G, B).
+RGB = tuple[float, float, float]
 # Per-channel mean and std of the training images, in [0, 1] units.
-KNOWN_STATS = {
+KNOWN_STATS: dict[str, tuple[RGB, RGB]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -80,6 +82,7 @@ class IndexedSplit:
         """The encoded image (JPEG, PNG, ...) of example ``i``."""
         if self.blobs is not None:
             return self.blobs[i]
+        assert self.paths is not None  # exactly one of paths and blobs is set
         with open(self.paths[i], "rb") as f:
             return f.read()
 
@@ -184,7 +187,7 @@ def balanced_subset(split, num_examples: int, num_classes: int) -> IndexedSplit:
     pick = lambda seq: None if seq is None else [seq[i] for i in keep]
     return IndexedSplit(
         description=f"{split.description} (balanced subset of {num_examples})",
-        labels=labels[keep], keys=pick(split.keys), paths=pick(split.paths),
+        labels=labels[keep], keys=[split.keys[int(i)] for i in keep], paths=pick(split.paths),
         blobs=pick(split.blobs),
         cache_key=f"{split.cache_key}[balanced:{num_examples}]" if split.cache_key else "",
     )
@@ -200,8 +203,8 @@ class Source:
     num_classes: int
     class_names: tuple[str, ...]
     image_shape: tuple[int, int, int] | None  # fixed (H, W, C), or None when sizes vary
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
+    mean: RGB
+    std: RGB
     train: IndexedSplit | SequentialSplit
     eval: IndexedSplit | SequentialSplit
 
@@ -218,12 +221,10 @@ def decode_image(data: bytes) -> np.ndarray:
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as im:
-        if im.mode != "RGB":
-            im = im.convert("RGB")
-        return np.asarray(im)
+        return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
 
 
-def estimate_stats(split: IndexedSplit, max_images: int = STATS_SAMPLE):
+def estimate_stats(split: IndexedSplit, max_images: int = STATS_SAMPLE) -> tuple[RGB, RGB]:
     """Per-channel ``(mean, std)`` in [0, 1] units (two 3-tuples of floats, rounded to 4 places)
     from up to ``max_images`` evenly spaced images of ``split``."""
     from PIL import Image
@@ -245,7 +246,12 @@ def estimate_stats(split: IndexedSplit, max_images: int = STATS_SAMPLE):
         count += len(x)
     mean = total / count
     std = np.sqrt(np.maximum(total_sq / count - mean * mean, 1e-12))
-    return tuple(float(round(m, 4)) for m in mean), tuple(float(round(s, 4)) for s in std)
+    return _rounded_rgb(mean), _rounded_rgb(std)
+
+
+def _rounded_rgb(values: np.ndarray) -> RGB:
+    r, g, b = (float(round(v, 4)) for v in values)
+    return r, g, b
 
 
 def unreadable_message(key: str, error: BaseException) -> str:

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import collections
 import itertools
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 import jax
 import numpy as np
@@ -37,6 +39,7 @@ from dks_jax.data.augment import import_tf
 
 SHUFFLE_BUFFER = 10_000
 _MAX_STEPS = 2**62
+T = TypeVar("T")
 
 
 class StreamingLoader:
@@ -88,7 +91,7 @@ class StreamingLoader:
             self._train_labels = noise.apply(train.labels)
         elif isinstance(train, sources.IndexedSplit):
             self._train_labels = np.asarray(train.labels, np.int32)
-        self._tensors = {}
+        self._tensors: dict[str, Any] = {}  # name -> TF constant or table, built on first use
 
     # -------------------------------------------------------------------- public
 
@@ -227,6 +230,7 @@ class StreamingLoader:
         for i in indices:
             img = split.decode(int(i))  # raises ValueError naming an unreadable file
             if need and img.shape[:2] != self.fixed_hw:
+                assert self.fixed_hw is not None  # need: fixed_hw == (size, size)
                 return sources.mixed_sizes_message(split.description, split.keys[0],
                                                    (*self.fixed_hw, 3), split.keys[int(i)],
                                                    img.shape)
@@ -375,9 +379,9 @@ def _numpy_batches(ds, diagnose, description):
         yield batch
 
 
-def prefetch(iterator, size: int = 2):
+def prefetch(iterator: Iterable[T], size: int = 2) -> Iterator[T]:
     """Keeps ``size`` items of ``iterator`` computed ahead (device transfers overlap the step)."""
-    queue = collections.deque()
+    queue: collections.deque[T] = collections.deque()
     iterator = iter(iterator)
     queue.extend(itertools.islice(iterator, size))
     while queue:

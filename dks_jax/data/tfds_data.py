@@ -147,17 +147,17 @@ def tfds_source(name: str, data_dir, train_split: str, eval_split: str, *,
             splits[split] = _sequential_split(tfds, builder, split, image_key, label_key, desc,
                                               sizes[split])
     mean, std = KNOWN_STATS.get(name, KNOWN_STATS["imagenet2012"])
-    if fixed and image_shape[-1] != 3:
-        image_shape = (*image_shape[:2], 3)
+    # (H, W, 3): the loaders decode to RGB (a grayscale data set too).
+    shape = (int(image_shape[0]), int(image_shape[1]), 3) if fixed else None
     return Source(
         name=name,
         kind="tfds",
         location=str(builder.data_dir),
         num_classes=num_classes,
         class_names=tuple(str(c) for c in class_names),
-        image_shape=tuple(int(d) for d in image_shape) if fixed else None,
-        mean=tuple(mean),
-        std=tuple(std),
+        image_shape=shape,
+        mean=mean,
+        std=std,
         train=splits[train_split],
         eval=splits[eval_split],
     )
@@ -174,15 +174,15 @@ def _read_tfds_records(builder, split, image_key, label_key, desc, num_examples)
         read_config=tfds.ReadConfig(interleave_cycle_length=1, try_autocache=False,
                                     add_tfds_id=True),
     )
-    blobs, labels, keys = [], [], []
+    blobs, label_list, keys = [], [], []
     for ex in tfds.as_numpy(ds):
         blobs.append(bytes(ex[image_key]))
-        labels.append(int(ex[label_key]))
+        label_list.append(int(ex[label_key]))
         keys.append(f"{desc}: {ex['tfds_id'].decode()}")
     if len(blobs) != num_examples:
         raise ValueError(f"{desc}: read {len(blobs)} examples, the builder info says "
                          f"{num_examples}")
-    labels = np.asarray(labels, np.int32)
+    labels = np.asarray(label_list, np.int32)
     labels.flags.writeable = False
     return IndexedSplit(description=desc, labels=labels, keys=keys, blobs=blobs,
                         cache_key=f"tfds:{builder.data_dir}:{split}")

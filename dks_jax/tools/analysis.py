@@ -193,8 +193,8 @@ def correlation_heatmap(graphdef, params, batch_stats, head: str, out_png, *, im
     if kind == "cka":
         if images is None:
             raise ValueError("kind='cka' needs images.")
-        matrix, rows, cols = layer_cka(graphdef, params, batch_stats, images, head)
-        matrix = np.asarray(matrix)
+        cka, rows, cols = layer_cka(graphdef, params, batch_stats, images, head)
+        matrix = np.asarray(cka)
         fig, ax = plt.subplots(figsize=(2.5 + 0.4 * len(cols), 1.5 + 0.35 * len(rows)))
         im = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
         ax.set_xticks(range(len(cols)), cols, rotation=90, fontsize=7)
@@ -215,9 +215,9 @@ def correlation_heatmap(graphdef, params, batch_stats, head: str, out_png, *, im
             raise ValueError(f"no block of branch {head} has a 3x3 kernel shaped like its main-path "
                              "counterpart; use kind='cka'.")
         n = len(pairs)
-        cols = min(n, 4)
-        rows = math.ceil(n / cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols + 0.8, 3.0 * rows),
+        ncols = min(n, 4)
+        nrows = math.ceil(n / ncols)
+        fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols + 0.8, 3.0 * nrows),
                                  squeeze=False, layout="constrained")
         vmax = max(float(np.abs(m).max()) for _, m in pairs)
         for ax, (name, m) in zip(axes.flat, pairs, strict=False):

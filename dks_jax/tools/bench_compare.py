@@ -20,6 +20,7 @@ import shlex
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 
 from absl import flags
 
@@ -43,7 +44,7 @@ CASES = {
 }
 
 
-def case_command(name: str, args, extra: list[str] = ()) -> list[str]:
+def case_command(name: str, args, extra: Sequence[str] = ()) -> list[str]:
     spec = dict(CASES[name])
     with_torch = spec.pop("torch") and not args.no_torch
     cmd = [args.python, "-m", "dks_jax.tools.benchmark"]
@@ -58,17 +59,16 @@ def case_command(name: str, args, extra: list[str] = ()) -> list[str]:
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    kw = {"flag_values": fv}
-    flags.DEFINE_list("cases", list(CASES), f"from: {', '.join(CASES)}", **kw)
-    flags.DEFINE_integer("steps", 50, "timed steps per case", **kw)
-    flags.DEFINE_integer("warmup", 5, "untimed steps per case", **kw)
+    flags.DEFINE_list("cases", list(CASES), f"from: {', '.join(CASES)}", flag_values=fv)
+    flags.DEFINE_integer("steps", 50, "timed steps per case", flag_values=fv)
+    flags.DEFINE_integer("warmup", 5, "untimed steps per case", flag_values=fv)
     flags.DEFINE_string("output", "results/benchmarks",
-                        "folder of the records (relative to the repository root)", **kw)
-    flags.DEFINE_string("python", sys.executable, "Python with JAX and dks_jax's needs", **kw)
-    flags.DEFINE_string("torch_python", "", "Python with PyTorch (default: --python)", **kw)
-    flags.DEFINE_enum("torch_compile", "auto", ["auto", "on", "off"], "torch.compile", **kw)
-    flags.DEFINE_bool("no_torch", False, "JAX only", **kw)
-    flags.DEFINE_bool("dry_run", False, "print the commands, run nothing", **kw)
+                        "folder of the records (relative to the repository root)", flag_values=fv)
+    flags.DEFINE_string("python", sys.executable, "Python with JAX and dks_jax's needs", flag_values=fv)
+    flags.DEFINE_string("torch_python", "", "Python with PyTorch (default: --python)", flag_values=fv)
+    flags.DEFINE_enum("torch_compile", "auto", ["auto", "on", "off"], "torch.compile", flag_values=fv)
+    flags.DEFINE_bool("no_torch", False, "JAX only", flag_values=fv)
+    flags.DEFINE_bool("dry_run", False, "print the commands, run nothing", flag_values=fv)
 
 
 def main(argv) -> int:

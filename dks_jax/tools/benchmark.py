@@ -225,7 +225,7 @@ def _memory_peak(devices) -> int | None:
 
 def _xla_analysis(compiled) -> dict:
     """XLA's memory and FLOP estimates of the compiled step (per device program), where available."""
-    out = {}
+    out: dict[str, int | float] = {}
     try:
         mem = compiled.memory_analysis()
         if mem is not None:
@@ -296,6 +296,7 @@ def measure_jax(options: Options) -> dict:
 
     step_s = statistics.median(times)
     seen = o.batch_size * o.num_seeds  # images per step, over all seeds
+    assert o.aux is not None  # resolved() fills it in
     comp = models.complexity(o.model, o.num_classes, image_size=o.image_size, aux=o.aux,
                              branches=o.branches or None)
     macs = int(comp["total"]["macs"])
@@ -424,7 +425,8 @@ def make_record(result: dict, command: str, torch_result: dict | None = None,
         "git_commit": _git_commit(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         # A persistent compilation cache would make compile_s a cache read: recorded, never set here.
-        "jax_compilation_cache_dir": jax.config.jax_compilation_cache_dir,
+        # jax.config sets its options as attributes at run time; its class declares none of them.
+        "jax_compilation_cache_dir": jax.config.jax_compilation_cache_dir,  # type: ignore[attr-defined]
     }
     record.update(result)
     if torch_result is not None:
@@ -503,43 +505,41 @@ def summary(record: dict) -> str:
 # ---- command line -------------------------------------------------------------------------------
 
 
-def define_flags(fv: flags.FlagValues) -> flags.FlagValues:
+def define_flags(fv: flags.FlagValues) -> None:
     """Defines the command-line flags on ``fv``."""
     d = Options()
-    kw = {"flag_values": fv}
-    flags.DEFINE_string("model", d.model, f"Registry name: {', '.join(models.names())}.", **kw)
+    flags.DEFINE_string("model", d.model, f"Registry name: {', '.join(models.names())}.", flag_values=fv)
     flags.DEFINE_string("aux", None, "Branch design (paper, none, ...); default: none for the "
-                        "baseline method, else paper.", **kw)
-    flags.DEFINE_string("method", d.method, "Objective: baseline, ds, dsn, dks, dhm, byot.", **kw)
+                        "baseline method, else paper.", flag_values=fv)
+    flags.DEFINE_string("method", d.method, "Objective: baseline, ds, dsn, dks, dhm, byot.", flag_values=fv)
     flags.DEFINE_string("branches", d.branches, "Active classifiers, e.g. C1C2C3C4; '' = default.",
-                        **kw)
-    flags.DEFINE_integer("batch_size", d.batch_size, "Global batch (split over the devices).", **kw)
+                        flag_values=fv)
+    flags.DEFINE_integer("batch_size", d.batch_size, "Global batch (split over the devices).", flag_values=fv)
     flags.DEFINE_integer("image_size", d.image_size, "Image side; 0 = the model's design size.",
-                         **kw)
+                         flag_values=fv)
     flags.DEFINE_integer("num_classes", d.num_classes, "0 = 1000 for ImageNet models, else 10.",
-                         **kw)
+                         flag_values=fv)
     flags.DEFINE_enum("dtype", d.dtype, list(state_lib.DTYPES), "Compute dtype (parameters float32).",
-                      **kw)
-    flags.DEFINE_integer("steps", d.steps, "Timed steps (median reported).", **kw)
-    flags.DEFINE_integer("warmup", d.warmup, "Untimed steps after compilation.", **kw)
+                      flag_values=fv)
+    flags.DEFINE_integer("steps", d.steps, "Timed steps (median reported).", flag_values=fv)
+    flags.DEFINE_integer("warmup", d.warmup, "Untimed steps after compilation.", flag_values=fv)
     flags.DEFINE_integer("num_batches", d.num_batches, "Distinct synthetic batches rotated over.",
-                         **kw)
+                         flag_values=fv)
     flags.DEFINE_integer("bn_group_size", d.bn_group_size, "BatchNorm group; 0 = whole batch.",
-                         **kw)
-    flags.DEFINE_integer("num_devices", d.num_devices, "Devices of the mesh; 0 = all.", **kw)
+                         flag_values=fv)
+    flags.DEFINE_integer("num_devices", d.num_devices, "Devices of the mesh; 0 = all.", flag_values=fv)
     flags.DEFINE_integer("num_seeds", d.num_seeds, "Seeds trained at once (vmapped step, one "
-                         "batch each; images/s counts every seed's images).", **kw)
-    flags.DEFINE_integer("seed", d.seed, "Seed of the parameters and the synthetic data.", **kw)
+                         "batch each; images/s counts every seed's images).", flag_values=fv)
+    flags.DEFINE_integer("seed", d.seed, "Seed of the parameters and the synthetic data.", flag_values=fv)
     flags.DEFINE_string("output", DEFAULT_OUTPUT, "Folder for a new record, or a .json path; "
-                        "'' writes none.", **kw)
+                        "'' writes none.", flag_values=fv)
     flags.DEFINE_bool("compare_torch", False, "Also run the PyTorch reference (first, "
-                      "in a subprocess) and record torch_images_per_sec.", **kw)
+                      "in a subprocess) and record torch_images_per_sec.", flag_values=fv)
     flags.DEFINE_string("torch_python", None, "Python that runs the PyTorch reference "
-                        "(default: this one).", **kw)
+                        "(default: this one).", flag_values=fv)
     flags.DEFINE_enum("torch_compile", "auto", ["auto", "on", "off"],
-                      "torch.compile in the reference: auto = on for CUDA, off on CPU.", **kw)
-    flags.DEFINE_float("torch_timeout", 1800.0, "Seconds before the reference is given up.", **kw)
-    return fv
+                      "torch.compile in the reference: auto = on for CUDA, off on CPU.", flag_values=fv)
+    flags.DEFINE_float("torch_timeout", 1800.0, "Seconds before the reference is given up.", flag_values=fv)
 
 
 def options_from_flags(flag_values) -> Options:

@@ -19,8 +19,10 @@ methods overlaid. Lines are the mean over seeds, bands the mean +- the sample st
 from __future__ import annotations
 
 import json
+import pathlib
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from absl import flags
@@ -68,7 +70,8 @@ def curves(workdir) -> dict:
         raise FileNotFoundError(f"No metrics in {paths.as_path(workdir) / metrics.METRICS_FILE}.")
     spe = next((r["steps_per_epoch"] for r in records if "steps_per_epoch" in r), None)
     x_of = (lambda s: s / spe) if spe else (lambda s: s)
-    out = {"x_label": "epoch" if spe else "step", "train": {}, "test": {}, "consistency": {}}
+    out: dict[str, Any] = {"x_label": "epoch" if spe else "step", "train": {}, "test": {},
+                           "consistency": {}}
     for r in records:
         for key, value in r.items():
             if not isinstance(value, (int, float)):
@@ -219,7 +222,8 @@ def plot_sweep(workdir, out_dir, names: Sequence[str] | None = None) -> list:
     workdir, out_dir = paths.as_path(workdir), paths.as_path(out_dir)
     if names is None:
         names = sorted(p.name for p in workdir.iterdir() if p.is_dir()) if workdir.exists() else []
-    written, groups = [], {}
+    written: list[pathlib.Path] = []
+    groups: dict[tuple, dict[str, list[pathlib.Path]]] = {}  # (model, noise, epochs) -> runs
     for name in names:
         runs = seed_runs(workdir / name) if (workdir / name).exists() else []
         runs = [r for r in runs if (r / "metrics.jsonl").exists()]

@@ -22,6 +22,7 @@ import pathlib
 import platform
 import tempfile
 import time
+from typing import Any
 
 import jax
 import numpy as np
@@ -103,7 +104,7 @@ def _mock_imagenet(tmp, num_train, num_eval):
 
 def main(argv) -> list:
     """``argv`` without the program name; returns the rows ``(name, value, unit)``."""
-    from dks_jax.data import folders
+    from dks_jax.data import folders, sources
 
     args, _ = cli.parse(define_flags, argv, "python -m dks_jax.tools.data_benchmark", __doc__)
 
@@ -126,19 +127,22 @@ def main(argv) -> list:
         t0 = time.perf_counter()
         src = folders.image_folder(archive, "train", "test", name="cifar10")
         t1 = time.perf_counter()
+        # An image folder is served by index.
+        assert isinstance(src.train, sources.IndexedSplit) and isinstance(src.eval, sources.IndexedSplit)
         src.train.decode_all()
         src.eval.decode_all()
         t2 = time.perf_counter()
         report("CIFAR-10: read archive in place (60,000 JPEGs)", 60_000 / (t1 - t0))
         report("CIFAR-10: decode with PIL (in-memory start-up)", 60_000 / (t2 - t1))
         b = args.batch
-        for name, kw in [
+        cases: list[tuple[str, dict[str, Any]]] = [
             ("in_memory, augment=cifar (pad-crop-flip, normalise)", dict(augment="cifar")),
             ("in_memory, augment=cifar + cutout 16", dict(augment="cifar", cutout=16)),
             ("in_memory, augment=none", dict(augment="none")),
             ("streaming, augment=cifar", dict(augment="cifar", loader="streaming")),
             ("streaming, augment=none", dict(augment="none", loader="streaming")),
-        ]:
+        ]
+        for name, kw in cases:
             kw.setdefault("loader", "in_memory")
             ds = data.create(_config(data_dir=args.data_dir, **kw), mesh)
             report(f"CIFAR-10 train B={b}: {name}", _rate(ds.train_iterator(b), b, args.seconds))

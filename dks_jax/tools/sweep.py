@@ -58,7 +58,7 @@ def split_configs(text: str | Sequence[str]) -> list[str]:
     the preset (presets such as ``dks,0.5`` contain commas). A list is split item by item.
     """
     items = [text] if isinstance(text, str) else list(text)
-    out = []
+    out: list[str] = []
     for item in items:
         for piece in item.split(","):
             piece = piece.strip()

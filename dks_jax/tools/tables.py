@@ -194,15 +194,15 @@ def welch(a: Sequence[float], b: Sequence[float]) -> dict:
     """
     from scipy import stats
 
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    diff = float(a.mean() - b.mean()) if a.size and b.size else math.nan
-    if a.size < 2 or b.size < 2:
+    xa, xb = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    diff = float(xa.mean() - xb.mean()) if xa.size and xb.size else math.nan
+    if xa.size < 2 or xb.size < 2:
         return {"diff": diff, "t": math.nan, "dof": math.nan, "p": math.nan}
-    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    va, vb = xa.var(ddof=1) / xa.size, xb.var(ddof=1) / xb.size
     if va + vb == 0:
         return {"diff": diff, "t": math.nan, "dof": math.nan, "p": math.nan}
     t = diff / math.sqrt(va + vb)
-    dof = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+    dof = (va + vb) ** 2 / (va ** 2 / (xa.size - 1) + vb ** 2 / (xb.size - 1))
     return {"diff": diff, "t": float(t), "dof": float(dof), "p": float(2 * stats.t.sf(abs(t), dof))}
 
 
