@@ -1,7 +1,9 @@
 """Checkpoints and exports, behind one module so that an Orbax API change is a one-file change.
 
-Run folder layout (docs/design.md): ``checkpoints/<step>/`` (latest ``max_to_keep``), ``best/<step>/`` (the
-checkpoint with the best evaluation top-1), ``export/`` (the main path only, for inference).
+Run folder layout (docs/design.md): ``checkpoints/<step>/`` holds the latest ``max_to_keep``
+checkpoints and the one with the best evaluation top-1 (one Orbax ``CheckpointManager``, kept by
+its preservation policies: a step is written once even when it is both); ``export/`` the main path
+only, for inference.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
 from dks_jax import errors, paths
 
@@ -39,22 +43,28 @@ def abstract(tree):
 class Checkpoints:
     """Saves every process's share of the train state; restores into an abstract, sharded target.
 
-    Every process calls every method (Orbax coordinates the processes). Saving is asynchronous:
-    ``save`` returns once the arrays are copied off the devices; ``wait`` blocks until written.
+    One ``CheckpointManager`` keeps the latest ``max_to_keep`` checkpoints and the best one (the
+    highest ``top1`` given to :meth:`save_best`). Every process calls every method (Orbax
+    coordinates the processes). Saving is asynchronous: ``save`` returns once the arrays are copied
+    off the devices; ``wait`` blocks until written.
     """
 
     def __init__(self, workdir, *, max_to_keep: int = 3, async_save: bool = True):
         workdir = paths.as_path(workdir)
         self.directory = workdir / "checkpoints"
+        policy = preservation.AnyPreservationPolicy([
+            preservation.LatestN(n=max_to_keep),
+            preservation.BestN(get_metric_fn=lambda m: m["top1"], n=1,
+                               keep_checkpoints_without_metrics=False),
+        ])
+        # best_fn makes Orbax write each step's metrics, so that the best is known after a restart.
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, create=True, enable_async_checkpointing=async_save
-        )
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
-        best_options = ocp.CheckpointManagerOptions(
-            max_to_keep=1, create=True, best_fn=lambda m: m["top1"], best_mode="max",
-            enable_async_checkpointing=async_save,
-        )
-        self._best = ocp.CheckpointManager(workdir / "best", options=best_options)
+            create=True, enable_async_checkpointing=async_save, preservation_policy=policy,
+            best_fn=lambda m: m["top1"], best_mode="max")
+        # The handler named up front: a fresh manager can then read a step's tree (item_metadata)
+        # before restoring it.
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=ocp.StandardCheckpointHandler())
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -62,38 +72,66 @@ class Checkpoints:
     def all_steps(self) -> list[int]:
         return sorted(self._manager.all_steps())
 
-    def save(self, step: int, state, *, force: bool = False) -> bool:
-        return self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+    def save(self, step: int, state, *, force: bool = False, top1: float | None = None) -> bool:
+        """Saves ``state`` as ``step`` unless that step is saved already (e.g. as the best);
+        ``top1``: its evaluation, which makes it a candidate for the best checkpoint."""
+        if step in self._manager.all_steps():
+            return False
+        metrics = None if top1 is None else {"top1": float(top1)}
+        return self._manager.save(step, args=ocp.args.StandardSave(state), metrics=metrics,
+                                  force=force)
 
     def save_best(self, step: int, state, top1: float) -> bool:
-        """Keeps ``state`` under ``best/`` if ``top1`` beats the best evaluation so far."""
-        return self._best.save(step, args=ocp.args.StandardSave(state), metrics={"top1": top1})
+        """Saves ``state`` with its evaluation ``top1``; the best one stays (preservation policy)."""
+        return self.save(step, state, force=True, top1=top1)
+
+    def best_step(self) -> int | None:
+        """The step of the best checkpoint kept (highest ``top1``), or None."""
+        scored = {}
+        for step in self.all_steps():
+            metrics = self._manager.metrics(step)
+            if metrics and np.isfinite(metrics.get("top1", np.nan)):
+                scored[step] = metrics["top1"]
+        return max(scored, key=lambda s: (scored[s], s)) if scored else None
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process once the runtime has seen a preemption notice (multi-process)."""
         return self._manager.reached_preemption(step)
 
-    def restore(self, target) -> tuple[int, Any] | None:
-        """Restores the latest readable checkpoint into ``target`` (abstract arrays with shardings).
+    def restore(self, target, step: int | None = None) -> tuple[int, Any] | None:
+        """Restores the latest readable checkpoint (or ``step``) into ``target`` (abstract arrays
+        with shardings).
 
-        Returns ``(step, state)``, or None when there is no checkpoint. A checkpoint that cannot be
-        read (corrupt, partial) is renamed ``corrupt-<step>`` so nothing is lost, and the previous one
-        is tried; the log says so. Raises CheckpointError when every checkpoint fails, or when the
-        checkpoints hold a different model (shapes or structure differ from ``target``).
+        Returns ``(step, state)``, or None when there is no checkpoint. The checkpoint's tree
+        (paths, shapes) is compared with ``target`` first: a different model or optimizer state is
+        a CheckpointError naming the differences. A checkpoint that cannot be read (corrupt,
+        partial) is renamed ``corrupt-<step>`` so nothing is lost, and the previous one is tried;
+        the log says so. Raises CheckpointError when every checkpoint fails.
         """
-        steps = self.all_steps()
+        steps = self.all_steps() if step is None else [step]
         errors = []
         for step in reversed(steps):
+            read_error: Exception | None = None
             try:
+                saved = self._manager.item_metadata(step)
+                if saved is None:
+                    raise ValueError("no metadata (not a checkpoint of a train state)")
+            except Exception as e:  # noqa: BLE001 - Orbax raises many types for unreadable data
+                saved, read_error = None, e
+            if saved is not None:
+                differences = tree_differences(getattr(saved, "tree", saved), target)
+                if differences:
+                    raise CheckpointError(
+                        f"The checkpoint at {self.directory / str(step)} does not match this "
+                        f"run's model and optimizer state ({'; '.join(differences[:5])}"
+                        f"{'; ...' if len(differences) > 5 else ''}). It belongs to a different "
+                        "configuration: use another --workdir, or set --config.start_over=True to "
+                        "move the old checkpoints aside and start anew.")
+            try:
+                if read_error is not None:
+                    raise read_error
                 state = self._manager.restore(step, args=ocp.args.StandardRestore(target))
             except Exception as e:  # noqa: BLE001 - Orbax raises many types for unreadable data
-                if _is_mismatch(e):
-                    raise CheckpointError(
-                        f"The checkpoint at {self.directory / str(step)} does not match this run's "
-                        f"model and optimizer state ({type(e).__name__}: {str(e)[:300]}). It belongs "
-                        "to a different configuration: use another --workdir, or set "
-                        "--config.start_over=True to move the old checkpoints aside and start anew."
-                    ) from e
                 errors.append(f"step {step}: {type(e).__name__}: {str(e)[:200]}")
                 logging.warning(
                     "Checkpoint at step %d is unreadable (%s); moving it to corrupt-%d and falling "
@@ -130,17 +168,26 @@ class Checkpoints:
 
     def wait(self) -> None:
         self._manager.wait_until_finished()
-        self._best.wait_until_finished()
 
     def close(self) -> None:
         self._manager.close()
-        self._best.close()
 
 
-def _is_mismatch(error: Exception) -> bool:
-    text = str(error).lower()
-    return any(k in text for k in ("shape", "structure", "mismatch", "does not match", "missing key",
-                                   "unexpected key", "not found in"))
+def _flat_shapes(tree) -> dict[str, tuple | None]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
+    return {jax.tree_util.keystr(path, simple=True, separator="/"): (
+        tuple(leaf.shape) if hasattr(leaf, "shape") else None) for path, leaf in leaves}
+
+
+def tree_differences(saved, target) -> list[str]:
+    """How a checkpoint's tree (Orbax metadata) differs from ``target``: paths only in one of
+    them, and shapes that differ; empty when they match."""
+    a, b = _flat_shapes(saved), _flat_shapes(target)
+    out = [f"only in the checkpoint: {k}" for k in sorted(a.keys() - b.keys())]
+    out += [f"only in this run: {k}" for k in sorted(b.keys() - a.keys())]
+    out += [f"{k}: shape {a[k]} in the checkpoint, {b[k]} in this run"
+            for k in sorted(a.keys() & b.keys()) if a[k] != b[k]]
+    return out
 
 
 def barrier(name: str) -> None:

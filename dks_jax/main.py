@@ -76,9 +76,9 @@ def summary(result: dict, workdir, seconds: float) -> str:
     lines.append(f"Wall time {took} (data loading and compilation included){rate}.")
     lines.append(f"The run folder {workdir} holds:")
     held = [("config.json", "the config of this run"),
-            ("checkpoints", "the latest checkpoints (resume: run the same command again)"),
-            ("best", "the checkpoint of the best main-head (C1) top-1"),
-            ("export", "the main path alone, for inference (train.load_exported_model)"),
+            ("checkpoints", "the latest checkpoints and the one of the best main-head (C1) top-1 "
+                            "(resume: run the same command again)"),
+            ("export", "the main path alone, for inference (dks_jax.load)"),
             (metrics.METRICS_FILE, "every metric, one JSON line per log step")]
     for name, what in held:
         if (workdir / name).exists():
