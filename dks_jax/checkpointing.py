@@ -199,11 +199,13 @@ def barrier(name: str) -> None:
 
 
 def move_aside(workdir) -> epath.Path | None:
-    """Renames a previous run (checkpoints, best, export, config, metrics, TensorBoard events) to
+    """Renames a previous run (checkpoints, export, config, data description, metrics, TensorBoard
+    events, evaluations; ``best`` of older versions) to
     ``previous-<n>/``: nothing is lost, and nothing of it mixes with the next run's."""
     workdir = paths.as_path(workdir)
-    names = [n for n in ("checkpoints", "best", "export", "config.json", "metrics.jsonl",
-                         "tensorboard", NONFINITE_FILE) if (workdir / n).exists()]
+    names = [n for n in ("checkpoints", "best", "export", "config.json", "data.json",
+                         "metrics.jsonl", "tensorboard", "eval", NONFINITE_FILE)
+             if (workdir / n).exists()]
     if not names:
         return None
     n = 0

@@ -18,7 +18,8 @@ from ml_collections import config_flags
 from dks_jax import errors, paths
 from dks_jax.losses import METHODS
 
-__all__ = ["METHODS", "base", "from_run", "load", "parse_preset", "to_dict", "with_method"]
+__all__ = ["METHODS", "base", "from_run", "load", "override", "parse_preset", "to_dict",
+           "with_method"]
 
 
 def base() -> ml_collections.ConfigDict:
@@ -188,6 +189,29 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
         raise errors.ConfigError(
             f"{spec}: cannot apply {' '.join(overrides)} ({type(e).__name__}: {e}). "
             f"Fields: {fields}.") from e
+    return values["config"].value
+
+
+def override(config: ml_collections.ConfigDict,
+             overrides: Sequence[str]) -> ml_collections.ConfigDict:
+    """A copy of ``config`` with ``overrides`` (``"--config.<field>=<value>"``) applied as
+    :func:`load` applies them; an unknown field is a :class:`errors.ConfigError`."""
+    if not overrides:
+        return config
+    bad = [o for o in overrides if not o.startswith("--config.") or "=" not in o]
+    if bad:
+        raise errors.ConfigError(
+            f"Overrides are written --config.<field>=<value>, got {', '.join(map(repr, bad))}.")
+    argv = ["dks_jax", *overrides]
+    values = flags.FlagValues()
+    try:
+        config_flags.DEFINE_config_dict("config", config.copy_and_resolve_references(),
+                                        flag_values=values, sys_argv=argv, lock_config=True)
+        values(argv)
+    except (AttributeError, KeyError, flags.Error) as e:
+        raise errors.ConfigError(
+            f"cannot apply {' '.join(overrides)} ({type(e).__name__}: {e}). Fields: "
+            f"{', '.join(sorted(_flat_keys(config.to_dict())))}.") from e
     return values["config"].value
 
 

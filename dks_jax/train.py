@@ -251,6 +251,7 @@ def _train_and_evaluate(config, workdir, mesh, stop_at_step) -> dict:
     start_step = int(np.ravel(jax.device_get(state["step"]))[0])
     if jax.process_index() == 0:
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2, sort_keys=True))
+        (workdir / data.DATA_FILE).write_text(json.dumps(dataset.describe(), indent=2))
 
     writer = metrics.create_writer(workdir)
     summary = {"num_params": setup.num_params, "num_heads": setup.num_heads,
@@ -313,9 +314,9 @@ def _train_and_evaluate(config, workdir, mesh, stop_at_step) -> dict:
     if seed_list:
         for i, s in enumerate(seed_list):
             export.export(setup.graphdef, seeds.unstack(state, i), workdir / "export" / f"seed{s}",
-                          config, num_classes)
+                          config, dataset)
     else:
-        export.export(setup.graphdef, state, workdir / "export", config, num_classes)
+        export.export(setup.graphdef, state, workdir / "export", config, dataset)
     ckpts.close()
     writer.flush()
     return final

@@ -8,8 +8,8 @@ import jax
 import numpy as np
 import pytest
 
-from dks_jax import losses, models
-from dks_jax.tools import bench_compare, benchmark, cli
+from dks_jax import cli, losses, models
+from dks_jax.tools import bench_compare, benchmark
 from dks_jax.tools import bench_table as make_table
 
 TINY = ["--model=cifar_resnet8", "--aux=paper", "--method=dks", "--batch_size=8",

@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # imported where used: the loaders are needed only once a dat
 __all__ = ["create", "Dataset", "DataNotFoundError", "IN_MEMORY_BYTES"]
 
 IN_MEMORY_BYTES = 4 * 1024**3
+DATA_FILE = "data.json"  # Dataset.describe() of a run's training data, in its workdir
 LOADERS = ("auto", "in_memory", "streaming")
 AUGMENTS = ("cifar", "imagenet_simple", "imagenet_inception", "none")
 
@@ -87,6 +88,14 @@ class Dataset:
         return (f"Dataset({self.source.name!r}, loader={self.loader!r}, "
                 f"num_train={self.num_train}, num_eval={self.num_eval}, "
                 f"image_shape={self.image_shape}, num_classes={self.num_classes})")
+
+    def describe(self) -> dict:
+        """What a trained model needs to know of its data (JSON): classes, normalisation, sizes.
+        The trainer writes it to ``<workdir>/data.json`` (:data:`DATA_FILE`)."""
+        return {"dataset": self.source.name, "class_names": list(self.class_names),
+                "num_classes": self.num_classes, "mean": list(self.source.mean),
+                "std": list(self.source.std), "image_shape": list(self.image_shape),
+                "num_train": self.num_train, "num_eval": self.num_eval}
 
     def steps_per_epoch(self, global_batch: int) -> int:
         """``num_train // global_batch``: the remainder of each epoch's order is dropped."""
@@ -176,11 +185,13 @@ def resolve_source(dataset: str, data_dir: str | None, train_split: str, eval_sp
 
 
 def create(config, mesh, *, process_index: int | None = None,
-           process_count: int | None = None) -> Dataset:
+           process_count: int | None = None, stats: tuple | None = None) -> Dataset:
     """Builds the data set the config describes, for ``mesh`` (axis ``'data'``).
 
     ``process_index``/``process_count`` default to JAX's; tests override them to simulate one of
     several processes (then the streaming loader offers only the ``local_*`` iterators).
+    ``stats``: ``(mean, std)`` to normalise with instead of the source's own (evaluating a trained
+    model on other images normalises them as its training images were).
     """
     if not config.dataset:
         raise errors.ConfigError("config.dataset is empty: set a TFDS name (cifar10, cifar100, "
@@ -207,6 +218,8 @@ def create(config, mesh, *, process_index: int | None = None,
 
     source = resolve_source(dataset, data_dir, train_split, eval_split,
                              download=bool(config.download))
+    if stats is not None:
+        source = dataclasses.replace(source, mean=tuple(stats[0]), std=tuple(stats[1]))
     train_examples = int(config.train_examples)
     if train_examples:
         source = dataclasses.replace(source, train=sources.balanced_subset(

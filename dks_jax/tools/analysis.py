@@ -47,10 +47,10 @@ import numpy as np
 from absl import flags
 from flax import nnx
 
-from dks_jax import checkpointing, config_base, data, parallel, paths
+from dks_jax import checkpointing, cli, config_base, data, parallel, paths
 from dks_jax import state as state_lib
 from dks_jax.evaluator import gradient_consistency
-from dks_jax.tools import cli, curves
+from dks_jax.tools import curves
 from dks_jax.tools.curves import pyplot, save_png
 
 # ---- helpers ------------------------------------------------------------------------------------

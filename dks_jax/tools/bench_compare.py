@@ -24,7 +24,8 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from dks_jax.tools import bench_table, cli
+from dks_jax import cli
+from dks_jax.tools import bench_table
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 

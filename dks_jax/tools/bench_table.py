@@ -19,7 +19,7 @@ import sys
 
 from absl import flags
 
-from dks_jax.tools import cli
+from dks_jax import cli
 
 DEFAULT_DIR = pathlib.Path(__file__).resolve().parents[2] / "results" / "benchmarks"
 REQUIRED_KEYS = (

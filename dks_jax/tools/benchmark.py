@@ -55,9 +55,15 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 
-from dks_jax import config_base, models, parallel, seeds, steps  # noqa: E402
+from dks_jax import (  # noqa: E402
+    cli,  # noqa: E402
+    config_base,
+    models,
+    parallel,
+    seeds,
+    steps,
+)
 from dks_jax import state as state_lib  # noqa: E402
-from dks_jax.tools import cli  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_OUTPUT = "results/benchmarks"

@@ -27,8 +27,7 @@ from typing import Any
 import numpy as np
 from absl import flags
 
-from dks_jax import metrics, paths
-from dks_jax.tools import cli
+from dks_jax import cli, metrics, paths
 
 # (metric key in metrics.jsonl, panel title, scale to the plotted unit)
 PANELS = (("loss", "training loss (objective)", 1.0),

@@ -28,8 +28,7 @@ import jax
 import numpy as np
 from absl import flags
 
-from dks_jax import config_base, data
-from dks_jax.tools import cli
+from dks_jax import cli, config_base, data
 
 DEFAULT_DATA_DIR = pathlib.Path(__file__).resolve().parents[3] / "shared" / "data"
 

@@ -40,8 +40,14 @@ if __name__ == "__main__":  # the command line: the CPU defaults of dks_jax.main
 import jax  # noqa: E402
 from absl import flags  # noqa: E402
 
-from dks_jax import config_base, errors, metrics, paths, train  # noqa: E402
-from dks_jax.tools import cli  # noqa: E402
+from dks_jax import (  # noqa: E402
+    cli,  # noqa: E402
+    config_base,
+    errors,
+    metrics,
+    paths,
+    train,
+)
 from dks_jax.tools.tables import RESULT_FILE, finished_result, table, to_markdown  # noqa: E402
 
 PLACE_FIELDS = frozenset({"data_dir", "download", "async_checkpointing", "max_to_keep",
