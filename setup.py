@@ -23,7 +23,8 @@ setup(
         "numpy>=2.0,<2.5",
         "pillow>=11,<13.1",
         "tensorflow-datasets>=4.9.9,<4.10",
-        # clu's metric writers import tensorboard, which tensorflow-cpu>=2.21 no longer pulls in.
+        # TensorBoard event files without TensorFlow (metrics.py); tensorboard reads them.
+        "tensorboardX>=2.6,<2.7",
         "tensorboard>=2.20,<2.22",
         # tensorflow-datasets 4.9.10 imports importlib_resources without declaring it.
         "importlib_resources>=6,<7.2",

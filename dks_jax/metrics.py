@@ -1,8 +1,8 @@
-"""Metric writers: JSON lines always, the console, and TensorBoard through clu when TensorFlow is there.
+"""Metric writers: JSON lines, the console and TensorBoard, none of them needing TensorFlow.
 
-clu's writers and periodic actions import TensorFlow, which is optional at run time (docs/design.md), so
-the JSONL and console writers below are plain Python with the same ``write_scalars`` interface.
-Only process 0 writes.
+Every writer has clu's ``MetricWriter`` interface (``write_scalars``, ``write_hparams``, ``flush``,
+``close``). TensorBoard event files go through tensorboardX (TensorFlow is optional at run time,
+docs/design.md), with the same tags as ``metrics.jsonl``. Only process 0 writes.
 """
 
 from __future__ import annotations
@@ -141,6 +141,37 @@ class MultiWriter:
             w.close()
 
 
+class TensorBoardWriter(_PlainWriter):
+    """Scalars and hyperparameters as TensorBoard event files in ``logdir``, through tensorboardX."""
+
+    def __init__(self, logdir):
+        import tensorboardX  # a dependency; imported here so that importing metrics stays light
+
+        self.logdir = str(logdir)
+        self._writer = tensorboardX.SummaryWriter(self.logdir, flush_secs=30)
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float]):
+        for tag, value in scalars.items():
+            value = plain(value)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self._writer.add_scalar(tag, value, int(step))
+
+    def write_hparams(self, hparams: Mapping):
+        """The flax examples' ``write_hparams``: the config, flattened, in the HParams tab."""
+        from tensorboardX.summary import hparams as hparams_summary
+
+        flat = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                for k, v in hparams.items()}
+        for summary in hparams_summary(flat, {"eval_top1/C1": 0.0}):
+            self._writer.file_writer.add_summary(summary)
+
+    def flush(self):
+        self._writer.flush()
+
+    def close(self):
+        self._writer.close()
+
+
 def tensorflow_available() -> bool:
     try:
         import tensorflow  # noqa: F401
@@ -150,18 +181,55 @@ def tensorflow_available() -> bool:
 
 
 def create_writer(workdir, *, console: bool = True) -> MultiWriter:
-    """Writers for ``workdir``: metrics.jsonl, console, and TensorBoard (``tensorboard/``) via clu."""
+    """Writers for ``workdir``: metrics.jsonl, console, and TensorBoard (``tensorboard/``)."""
     if jax.process_index() != 0:
         return MultiWriter([])
     workdir = paths.as_path(workdir)
     writers: list[Any] = [JsonlWriter(workdir / METRICS_FILE)]  # anything with write_scalars
     if console:
         writers.append(ConsoleWriter())
-    if tensorflow_available():
-        from clu import metric_writers
-
-        writers.append(metric_writers.SummaryWriter(str(workdir / "tensorboard")))
+    writers.append(TensorBoardWriter(workdir / "tensorboard"))
     return MultiWriter(writers)
+
+
+def features_off() -> list[str]:
+    """What this installation cannot do, and why (logged once at start-up)."""
+    if tensorflow_available():
+        return []
+    return ["TFDS data sets (cifar10, imagenet2012, ...) and the streaming tf.data loader: "
+            "TensorFlow is not installed (pip install -e '.[tf]'); image folders and archives with "
+            "the in-memory loader work"]
+
+
+def flat_config(tree: Mapping, prefix: str = "") -> dict:
+    """A nested mapping (a config's ``to_dict()``) as ``{"a.b": value}``."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.update(flat_config(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def parameter_table(params: Mapping, branches_key: str = "branches") -> str:
+    """Parameters per top-level module (``clu.parameter_overview`` counts), the main path's and the
+    branches' apart: ``module | parameters | share``."""
+    from clu import parameter_overview  # works without TensorFlow
+
+    total = parameter_overview.count_parameters(params)
+    rows, sums = [], {"main path": 0, "branches": 0}
+    for name, sub in params.items():
+        subs = sub.items() if name == branches_key and isinstance(sub, Mapping) else [(None, sub)]
+        for index, tree in subs:
+            n = parameter_overview.count_parameters(tree)
+            sums["branches" if index is not None else "main path"] += n
+            rows.append((name if index is None else f"{name}/{index}", n))
+    width = max(len(r[0]) for r in rows + [("main path", 0)])
+    lines = [f"{'module':<{width}}  {'parameters':>12}  share"]
+    lines += [f"{m:<{width}}  {n:>12,}  {100 * n / max(total, 1):5.1f}%" for m, n in rows]
+    lines += [f"{m:<{width}}  {n:>12,}  {100 * n / max(total, 1):5.1f}%" for m, n in sums.items()]
+    return "\n".join(lines)
 
 
 def read_metrics(workdir) -> list[dict]:

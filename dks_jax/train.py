@@ -262,6 +262,14 @@ def _train_and_evaluate(config, workdir, mesh, stop_at_step) -> dict:
     logging.info("Run: %s", summary)
     if start_step == 0:
         writer.write_scalars(0, summary)
+        writer.write_hparams(metrics.flat_config(config_base.to_dict(config)))
+    if jax.process_index() == 0:
+        params = jax.tree.map(lambda x: x[0], setup.state["params"]) if seed_list else \
+            setup.state["params"]
+        logging.info("Parameters (clu.parameter_overview counts):\n%s",
+                     metrics.parameter_table(params))
+        for feature in metrics.features_off():
+            logging.warning("Off in this installation: %s.", feature)
 
     train_step = jax.jit(steps.train_step(setup, config.seed, teacher_graphdef), donate_argnums=0)
     teacher_args = (teacher_state,) if teacher_graphdef is not None else ()
@@ -272,7 +280,8 @@ def _train_and_evaluate(config, workdir, mesh, stop_at_step) -> dict:
         setup.graphdef, dataset, eval_batch, seeds=setup.seeds, in_flight=in_flight,
         grad_consistency=setup.num_heads > 1 and config.log_grad_consistency)
     log = _TrainLog(config, workdir, ckpts, writer, start_step, steps_per_epoch, total_steps)
-    hooks = _clu_hooks(config, workdir, writer, start_step, total_steps)
+    profile = _Profile(workdir / "tensorboard", config.profile_steps,
+                       first=min(start_step + config.log_every_steps, total_steps))
 
     final = {}
     step = start_step
@@ -283,8 +292,7 @@ def _train_and_evaluate(config, workdir, mesh, stop_at_step) -> dict:
             log.add(step_metrics)
             in_flight.add(step_metrics, launches=1 if seed_list else 2)  # (the batch and) the step
             step += 1
-            for hook in hooks:
-                hook(step)
+            profile(step, state)
             if step % config.log_every_steps == 0 or step == total_steps:
                 log.flush(step)
             if step % eval_every == 0 or step == total_steps:
@@ -302,12 +310,14 @@ def _train_and_evaluate(config, workdir, mesh, stop_at_step) -> dict:
                 log.flush(step)
                 ckpts.save(step, state, force=True)
             if stopping:
+                profile.close(step, state)
                 ckpts.wait()
                 ckpts.close()
                 writer.flush()
                 logging.warning("Stopped at step %d: checkpoint saved in %s; run the same "
                                 "command again to resume.", step, ckpts.directory)
                 return {"stopped_at_step": step}
+    profile.close(step, state)
     ckpts.wait()
     if restored is not None and step == start_step and not final:
         final = evaluate(state)  # the run was already complete
@@ -340,20 +350,34 @@ def _batches(dataset, config, start_step: int, seed_list, mesh, in_flight):
         yield stacked
 
 
-def _clu_hooks(config, workdir, writer, start_step: int, total_steps: int) -> list:
-    """clu periodic actions (they import TensorFlow): progress notes, and a profile on request."""
-    if jax.process_index() != 0 or not metrics.tensorflow_available():
-        return []
-    from clu import periodic_actions  # optional: only with TensorFlow
+class _Profile:
+    """A ``jax.profiler`` trace of ``num_steps`` steps from step ``first`` (``config.profile_steps``)
+    into ``logdir/plugins/profile/`` (TensorBoard's profile tab), on process 0; no TensorFlow."""
 
-    hooks = [periodic_actions.ReportProgress(
-        num_train_steps=total_steps, writer=writer, every_steps=config.log_every_steps,
-        every_secs=None)]
-    if config.profile_steps:
-        hooks.append(periodic_actions.Profile(
-            logdir=str(workdir), num_profile_steps=config.profile_steps,
-            first_profile=min(start_step + config.log_every_steps, total_steps)))
-    return hooks
+    def __init__(self, logdir, num_steps: int, *, first: int):
+        self.logdir, self.num_steps, self.first = str(logdir), int(num_steps), int(first)
+        self.enabled = self.num_steps > 0 and jax.process_index() == 0
+        self.running = False
+
+    def __call__(self, step: int, state) -> None:
+        """Called after ``step`` steps have been dispatched."""
+        if not self.enabled:
+            return
+        if step == self.first and not self.running:
+            jax.block_until_ready(state)  # the trace holds the profiled steps' work only
+            jax.profiler.start_trace(self.logdir)
+            self.running = True
+        elif self.running and step >= self.first + self.num_steps:
+            self.close(step, state)
+
+    def close(self, step: int, state) -> None:
+        """Ends a trace still running (the run ended or stopped inside the profiled steps)."""
+        if self.running:
+            jax.block_until_ready(state)
+            jax.profiler.stop_trace()
+            self.running, self.enabled = False, False
+            logging.info("Profile of steps %d-%d written to %s/plugins/profile/", self.first + 1,
+                         step, self.logdir)
 
 
 class _TrainLog:
