@@ -652,3 +652,30 @@ def test_in_memory_path_does_not_need_tensorflow(cifar_subset):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          timeout=120, cwd=REPO)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_inception_crop_decodes_only_the_window_with_the_same_pixels(cifar_subset):
+    """decode_and_crop_jpeg gives the pixels of the whole decode, sliced (PNG: exactly; JPEG: all
+    but the window's first or last column, where chroma upsampling lacks its outside neighbour)."""
+    tf = pytest.importorskip("tensorflow")
+    rng = np.random.default_rng(0)
+    smooth = np.cumsum(np.cumsum(rng.integers(0, 9, (375, 500, 3)), 0), 1) % 256
+    encoded = []
+    for fmt in ("JPEG", "PNG"):
+        buf = io.BytesIO()
+        Image.fromarray(smooth.astype(np.uint8)).save(buf, format=fmt, quality=90)
+        encoded.append(buf.getvalue())
+    encoded.append(next((cifar_subset / "train").rglob("*.jpg")).read_bytes())  # 32x32 JPEG
+    for data in encoded:
+        whole = augment.tf_decode(tf.constant(data))
+        for k in range(6):
+            seed = tf.constant([k, 7], tf.int64)
+            begin, box = augment.tf_inception_window(tf.shape(whole), seed)
+            want = tf.slice(whole, begin, box).numpy()
+            got = augment.tf_decode_inception_crop(tf.constant(data), seed).numpy()
+            assert got.shape == want.shape and got.shape[0] * got.shape[1] >= 0.08 * \
+                whole.shape[0] * whole.shape[1] * 0.99
+            inner = (slice(None), slice(1, -1))
+            np.testing.assert_array_equal(got[inner], want[inner])
+            if data[:4] == b"\x89PNG":
+                np.testing.assert_array_equal(got, want)

@@ -127,15 +127,47 @@ def tf_resize_crop_flip(img, size: int, resize_mode: str, seeds):
 # ----------------------------------------------------------------------------- imagenet_inception
 
 
-def tf_inception_crop_flip(img, size: int, seeds):
-    """tf.data: uint8 [H, W, 3] -> float32 [S, S, 3] in [0, 255]: Inception-style random-resized
-    crop (seed ``seeds[0]``), resized to ``S x S``, flip (``seeds[1]``)."""
+def tf_inception_window(shape, seed):
+    """tf.data: the Inception-style random crop window of an image of ``shape`` (int32 [3]):
+    ``(begin, size)`` (int32 [3] each), at least 8% of the area, aspect ratio 3/4 to 4/3."""
     tf = import_tf()
     begin, box, _ = tf.image.stateless_sample_distorted_bounding_box(
-        tf.shape(img), tf.zeros([1, 0, 4], tf.float32), seed=seeds[0],
+        shape, tf.zeros([1, 0, 4], tf.float32), seed=seed,
         min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3),
         area_range=(0.08, 1.0), max_attempts=100, use_image_if_no_bounding_boxes=True)
-    x = tf.image.resize(tf.slice(img, begin, box), [size, size], method="bilinear",
+    return begin, box
+
+
+def tf_decode_inception_crop(data, seed):
+    """tf.data: encoded image -> uint8 [h, w, 3], the Inception-style crop window (seed ``seed``).
+
+    A JPEG decodes only that window (``tf.image.decode_and_crop_jpeg``, as the flax ImageNet
+    example does): the pixels of decoding the whole image and slicing it, except in the window's
+    first or last column, where libjpeg's chroma upsampling lacks the neighbour outside the
+    window. Other formats decode whole, then slice.
+    """
+    tf = import_tf()
+
+    def jpeg():
+        begin, box = tf_inception_window(tf.io.extract_jpeg_shape(data), seed)
+        window = tf.stack([begin[0], begin[1], box[0], box[1]])
+        return tf.image.decode_and_crop_jpeg(data, window, channels=3,
+                                             dct_method="INTEGER_ACCURATE")
+
+    def other():
+        img = tf.io.decode_image(data, channels=3, expand_animations=False)
+        begin, box = tf_inception_window(tf.shape(img), seed)
+        return tf.slice(img, begin, box)
+
+    return tf.cond(tf.io.is_jpeg(data), jpeg, other)
+
+
+def tf_inception_crop_flip(data, size: int, seeds):
+    """tf.data: encoded image -> float32 [S, S, 3] in [0, 255]: Inception-style random-resized
+    crop (seed ``seeds[0]``; only the window is decoded), resized to ``S x S``, flip
+    (``seeds[1]``)."""
+    tf = import_tf()
+    x = tf.image.resize(tf_decode_inception_crop(data, seeds[0]), [size, size], method="bilinear",
                         antialias=True)
     return tf.image.stateless_random_flip_left_right(x, seed=seeds[1])
 
@@ -265,13 +297,12 @@ def tf_train_transform(data, seed, *, augment: str, size: int, resize_mode: str,
     if augment == "none":
         return tf_eval_transform(data, size=size, resize_mode=resize_mode, mean=mean, std=std,
                                  fixed_hw=fixed_hw)
-    img = tf_decode(data)
-    if augment == "cifar":
-        x = tf_pad_crop_flip(tf_check_size(img, fixed_hw), size, seeds)
-    elif augment == "imagenet_simple":
-        x = tf_resize_crop_flip(img, size, resize_mode, seeds)
-    else:  # imagenet_inception
-        x = tf_inception_crop_flip(img, size, seeds)
+    if augment == "imagenet_inception":
+        x = tf_inception_crop_flip(data, size, seeds)  # decodes the crop window only
+    elif augment == "cifar":
+        x = tf_pad_crop_flip(tf_check_size(tf_decode(data), fixed_hw), size, seeds)
+    else:  # imagenet_simple
+        x = tf_resize_crop_flip(tf_decode(data), size, resize_mode, seeds)
     x = tf_normalise(x, mean, std)
     if cutout:
         x = tf_apply_cutout(x, size, cutout, seeds[2])

@@ -39,6 +39,55 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_float("seconds", 8.0, "time per measurement", flag_values=fv)
     flags.DEFINE_integer("batch", 128, "CIFAR global batch", flag_values=fv)
     flags.DEFINE_integer("imagenet_batch", 32, "ImageNet global batch", flag_values=fv)
+    flags.DEFINE_bool("decode_crop_only", False, "only the Inception crop's decode: the crop "
+                      "window alone vs the whole image, interleaved", flag_values=fv)
+
+
+def decode_crop_rates(seconds: float, rounds: int = 3, num_images: int = 256) -> dict:
+    """Images/s of the Inception-style crop + resize to 224 on 500x375 JPEGs (one thread, no
+    batching), decoding only the crop window vs decoding the whole image then slicing; the two
+    alternate ``rounds`` times. Returns the median rate of each."""
+    import io as io_lib
+
+    from PIL import Image
+
+    from dks_jax.data import augment
+
+    tf = augment.import_tf()
+    rng = np.random.default_rng(0)
+    jpegs = []
+    for _ in range(num_images):
+        img = np.cumsum(np.cumsum(rng.integers(0, 9, (375, 500, 3)), 0), 1) % 256
+        buf = io_lib.BytesIO()
+        Image.fromarray(img.astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        jpegs.append(buf.getvalue())
+
+    def whole(data, seed):
+        img = augment.tf_decode(data)
+        begin, box = augment.tf_inception_window(tf.shape(img), seed)
+        return tf.image.resize(tf.slice(img, begin, box), [224, 224], antialias=True)
+
+    def window(data, seed):
+        return tf.image.resize(augment.tf_decode_inception_crop(data, seed), [224, 224],
+                               antialias=True)
+
+    seeds = np.stack([np.arange(num_images), np.zeros(num_images)], 1).astype(np.int64)
+    results: dict[str, list[float]] = {"whole image": [], "crop window": []}
+    for _ in range(rounds):
+        for name, fn in (("whole image", whole), ("crop window", window)):
+            ds = tf.data.Dataset.from_tensor_slices((jpegs, seeds)).map(fn).repeat()
+            options = tf.data.Options()
+            options.threading.private_threadpool_size = 1
+            ds = ds.with_options(options)
+            it = iter(ds)
+            for _ in range(8):
+                next(it)
+            n, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                next(it)
+                n += 1
+            results[name].append(n / (time.perf_counter() - start))
+    return {k: float(np.median(v)) for k, v in results.items()}
 
 
 def _config(**kw):
@@ -117,7 +166,16 @@ def main(argv) -> list:
 
     def report(name, value, unit="images/s"):
         rows.append((name, value, unit))
-        print(f"{name:<70} {value:>9,.0f} {unit}", flush=True)
+        number = f"{value:>9.2f}" if unit == "x" else f"{value:>9,.0f}"
+        print(f"{name:<70} {number} {unit}", flush=True)
+
+    if args.decode_crop_only:
+        rates = decode_crop_rates(args.seconds)
+        for name, rate in rates.items():
+            report(f"Inception crop of 500x375 JPEGs -> 224, 1 thread: decode {name}", rate)
+        report("  speed-up of decoding the crop window", rates["crop window"] /
+               rates["whole image"], "x")
+        return rows
 
     archive = folders.find_folder_copy("cifar10", args.data_dir, "train")
     if archive is None:
