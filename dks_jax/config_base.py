@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import ml_collections
 from absl import flags
@@ -18,7 +18,7 @@ from ml_collections import config_flags
 from dks_jax import errors, paths
 from dks_jax.losses import METHODS
 
-__all__ = ["METHODS", "base", "from_run", "load", "override", "parse_preset", "to_dict",
+__all__ = ["METHODS", "base", "from_run", "load", "flatten", "override", "parse_preset", "to_dict",
            "with_method"]
 
 
@@ -185,7 +185,7 @@ def load(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
         raise errors.ConfigError(f"{spec}: {str(e).strip().splitlines()[-1]}") from e
     except (AttributeError, KeyError, flags.Error) as e:
         config = load(spec) if overrides else None
-        fields = ", ".join(sorted(_flat_keys(config.to_dict()))) if config is not None else ""
+        fields = ", ".join(sorted(flatten(config.to_dict()))) if config is not None else ""
         raise errors.ConfigError(
             f"{spec}: cannot apply {' '.join(overrides)} ({type(e).__name__}: {e}). "
             f"Fields: {fields}.") from e
@@ -211,14 +211,18 @@ def override(config: ml_collections.ConfigDict,
     except (AttributeError, KeyError, flags.Error) as e:
         raise errors.ConfigError(
             f"cannot apply {' '.join(overrides)} ({type(e).__name__}: {e}). Fields: "
-            f"{', '.join(sorted(_flat_keys(config.to_dict())))}.") from e
+            f"{', '.join(sorted(flatten(config.to_dict())))}.") from e
     return values["config"].value
 
 
-def _flat_keys(tree: dict, prefix: str = "") -> list[str]:
-    out: list[str] = []
+def flatten(tree: Mapping, prefix: str = "") -> dict:
+    """A nested mapping (a config's ``to_dict()`` or its JSON) as ``{"loss.beta": value, ...}``."""
+    out = {}
     for k, v in tree.items():
-        out.extend(_flat_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k])
+        if isinstance(v, Mapping):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
     return out
 
 

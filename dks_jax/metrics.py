@@ -201,17 +201,6 @@ def features_off() -> list[str]:
             "the in-memory loader work"]
 
 
-def flat_config(tree: Mapping, prefix: str = "") -> dict:
-    """A nested mapping (a config's ``to_dict()``) as ``{"a.b": value}``."""
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, Mapping):
-            out.update(flat_config(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def parameter_table(params: Mapping, branches_key: str = "branches") -> str:
     """Parameters per top-level module (``clu.parameter_overview`` counts), the main path's and the
     branches' apart: ``module | parameters | share``."""

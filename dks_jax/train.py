@@ -140,22 +140,12 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
 def experiment_changes(saved: dict, config, extra_allowed=frozenset()) -> tuple[dict, dict]:
     """``(other_experiment, allowed)``: the fields whose values differ, ``{field: (saved, now)}``,
     split by :data:`RESUMABLE_FIELDS` plus ``extra_allowed`` (after a divergence:
     :data:`RESCUE_FIELDS`). A field the saved config lacks (an older version wrote it) counts as
     allowed."""
-    old, new = _flat(saved), _flat(config_base.to_dict(config))
+    old, new = config_base.flatten(saved), config_base.flatten(config_base.to_dict(config))
     diff = {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
             if old.get(k) != new.get(k)}
     allowed = {k: v for k, v in diff.items()
@@ -262,7 +252,7 @@ def _train_and_evaluate(config, workdir, mesh, stop_at_step) -> dict:
     logging.info("Run: %s", summary)
     if start_step == 0:
         writer.write_scalars(0, summary)
-        writer.write_hparams(metrics.flat_config(config_base.to_dict(config)))
+        writer.write_hparams(config_base.flatten(config_base.to_dict(config)))
     if jax.process_index() == 0:
         params = jax.tree.map(lambda x: x[0], setup.state["params"]) if seed_list else \
             setup.state["params"]
