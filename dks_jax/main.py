@@ -24,6 +24,10 @@ from dks_jax import xla_flags
 # Before JAX is imported (the flags are read once, when the backend starts).
 _SET_CPU_FLAGS = xla_flags.apply_cpu_defaults()
 
+import jax  # noqa: E402
+
+from dks_jax import errors, metrics, paths, train  # noqa: E402
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py, optionally ':preset').",
                                 lock_config=True)
@@ -55,8 +59,6 @@ def _configure_logging(verbose: bool) -> None:
 
 def summary(result: dict, workdir, seconds: float) -> str:
     """The end-of-run text: per-head top-1/top-5, wall time and throughput, what the workdir holds."""
-    from dks_jax import metrics, paths
-
     workdir = paths.as_path(workdir)
     lines = []
     took = metrics.format_duration(seconds)
@@ -92,8 +94,6 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     _configure_logging(FLAGS.verbose)
-    import jax
-
     if _is_multiprocess():
         # Auto-detects TPU pods and SLURM; an explicit JAX_COORDINATOR_ADDRESS with
         # JAX_NUM_PROCESSES / JAX_PROCESS_ID works elsewhere.
@@ -108,8 +108,6 @@ def main(argv):
                  jax.local_device_count(), jax.default_backend())
     if _SET_CPU_FLAGS and jax.default_backend() == "cpu":
         logging.info("XLA_FLAGS not set: using %s (XNNPACK convolutions)", os.environ["XLA_FLAGS"])
-    from dks_jax import errors, train
-
     start = time.time()
     try:
         result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
