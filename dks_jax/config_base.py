@@ -63,7 +63,8 @@ def base() -> ml_collections.ConfigDict:
     c.download = True  # a TFDS name that is not prepared in data_dir is downloaded (needs internet)
     c.train_split = "train"
     c.eval_split = "test"
-    c.loader = "auto"  # auto | in_memory | streaming
+    c.loader = "auto"  # auto | in_memory | streaming | grain
+    c.grain_workers = 0  # loader=grain: worker processes decoding and augmenting (0 = in-process)
     c.augment = "cifar"  # cifar | imagenet_simple | imagenet_inception | none
     c.image_size = 32
     c.resize_mode = "both_sides"  # ImageNet "simple" augmentation: both_sides | shorter_side

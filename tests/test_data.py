@@ -679,3 +679,121 @@ def test_inception_crop_decodes_only_the_window_with_the_same_pixels(cifar_subse
             np.testing.assert_array_equal(got[inner], want[inner])
             if data[:4] == b"\x89PNG":
                 np.testing.assert_array_equal(got, want)
+
+
+# --------------------------------------------------------------------------- grain loader
+
+
+def _grain(cifar_subset, **kw):
+    pytest.importorskip("grain")
+    return data.create(config(cifar_subset, loader="grain", **kw), make_mesh(8))
+
+
+def test_grain_matches_in_memory_without_augmentation(cifar_subset):
+    g = _grain(cifar_subset, augment="none", seed=7)
+    mem = data.create(config(cifar_subset, loader="in_memory", augment="none", seed=7),
+                      make_mesh(8))
+    assert g.loader == "grain"
+    # One epoch (400 = 10 x 40): every example once, the same images and labels as in memory,
+    # in grain's order.
+    batches = take(g.train_iterator(40), 10)
+    raw = mem.source.train.decode_all()
+    mean, std = np.asarray(mem.source.mean), np.asarray(mem.source.std)
+    want = ((raw / 255.0 - mean) / std).astype(np.float32)
+    images = np.concatenate([b["image"] for b in batches])
+    labels = np.concatenate([b["label"] for b in batches])
+    # Find each image among the decoded ones (its pixels, normalisation undone), then compare.
+    index = {raw[i].tobytes(): i for i in range(len(raw))}
+    pixels = np.round((images * std + mean) * 255).astype(np.uint8)
+    found = [index.get(x.tobytes()) for x in pixels]
+    assert None not in found and sorted(found) == list(range(400))
+    np.testing.assert_allclose(images, want[found], atol=1e-5)
+    np.testing.assert_array_equal(labels, mem.source.train.labels[found])
+    # Evaluation: the same batches as the in-memory loader, exactly.
+    for x, y in zip(mem.eval_iterator(48), g.eval_iterator(48), strict=True):
+        assert_batches_equal(host(x), host(y))
+
+
+@pytest.mark.parametrize("n_dev", [1, 8])
+def test_grain_eval_counts_every_example_once(cifar_subset, n_dev):
+    pytest.importorskip("grain")
+    ds = data.create(config(cifar_subset, loader="grain"), make_mesh(n_dev))
+    batches = [host(b) for b in ds.eval_iterator(48)]  # 200 = 4 * 48 + 8
+    assert len(batches) == ds.eval_steps(48) == 5
+    assert [int(b["mask"].sum()) for b in batches] == [48, 48, 48, 48, 8]
+    labels = np.concatenate([b["label"][b["mask"]] for b in batches])
+    np.testing.assert_array_equal(labels, ds.source.eval.labels)
+    last = batches[-1]
+    assert (last["image"][~last["mask"]] == 0).all() and (last["label"][~last["mask"]] == 0).all()
+
+
+def test_grain_resume_and_state_are_exact(cifar_subset):
+    ds = _grain(cifar_subset, augment="cifar", cutout=8, seed=11)
+    it = ds.train_iterator(40)
+    straight = take(it, 12)
+    assert it.get_state()["step"] == 12
+    resumed = take(ds.train_iterator(40, start_step=9), 3)
+    for x, y in zip(straight[9:], resumed, strict=True):
+        assert_batches_equal(x, y, atol=0)
+    # get_state / set_state: a JSON state after 5 steps continues with step 5.
+    it = ds.train_iterator(40)
+    take(it, 5)
+    import json
+    state = json.loads(json.dumps(it.get_state()))
+    other = ds.train_iterator(40, start_step=2)
+    other.set_state(state)
+    assert other.step == 5
+    for x, y in zip(straight[5:8], take(other, 3), strict=True):
+        assert_batches_equal(x, y, atol=0)
+    # Augmentation is on and differs between epochs; cutout zeroes a square.
+    assert not np.allclose(straight[0]["image"], straight[1]["image"])
+    assert (np.abs(straight[0]["image"]).max(axis=-1) == 0).sum() >= 40 * 16
+
+
+def test_grain_simulated_processes_cover_the_global_batch(cifar_subset):
+    pytest.importorskip("grain")
+    mesh = make_mesh(8)
+    c = config(cifar_subset, loader="grain", augment="cifar", label_noise=0.3, seed=5)
+    full = data.create(c, mesh)
+    parts = [data.create(c, mesh, process_index=p, process_count=2) for p in range(2)]
+    want = take(full.train_iterator(40, start_step=3), 2)
+    got = [[next(it) for _ in range(2)]
+           for it in (p.local_train_iterator(40, start_step=3) for p in parts)]
+    for k in range(2):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(
+                np.concatenate([got[0][k][key], got[1][k][key]]), want[k][key])
+    want_eval = [host(b) for b in full.eval_iterator(48)]
+    got_eval = [list(p.local_eval_iterator(48)) for p in parts]
+    for w, a, b in zip(want_eval, *got_eval, strict=True):
+        for key in ("image", "label", "mask"):
+            np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), w[key])
+
+
+@pytest.mark.slow
+def test_grain_workers_do_not_change_the_batches(cifar_subset):
+    zero = take(_grain(cifar_subset, augment="cifar", seed=3).train_iterator(40, start_step=8), 3)
+    two = _grain(cifar_subset, augment="cifar", seed=3, grain_workers=2)
+    for x, y in zip(zero, take(two.train_iterator(40, start_step=8), 3), strict=True):
+        assert_batches_equal(x, y, atol=0)
+    ev0 = [host(b) for b in _grain(cifar_subset, seed=3).eval_iterator(48)]
+    for x, y in zip(ev0, two.eval_iterator(48), strict=True):
+        assert_batches_equal(x, host(y), atol=0)
+
+
+def test_numpy_augmentations():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    out = augment.np_pad_crop_flip(img, np.random.default_rng(1))
+    assert out.shape == img.shape
+    big = rng.integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    for aug in ("imagenet_simple", "imagenet_inception"):
+        x = augment.np_train_transform(big, np.random.default_rng(2), augment=aug, size=32,
+                                       resize_mode="shorter_side", cutout=0, mean=(0.5,) * 3,
+                                       std=(0.25,) * 3)
+        assert x.shape == (32, 32, 3) and x.dtype == np.float32
+    y, x0, h, w = augment.np_inception_window(60, 90, np.random.default_rng(3))
+    assert 0 <= y and y + h <= 60 and 0 <= x0 and x0 + w <= 90 and 3 / 4 - 0.1 < w / h < 4 / 3 + 0.1
+    ev = augment.np_eval_transform(big, size=32, resize_mode="both_sides", mean=(0,) * 3,
+                                   std=(1,) * 3)
+    assert ev.shape == (32, 32, 3)

@@ -9,7 +9,7 @@
 Config fields read (top level; the config is built from ``config_base.base()``, which holds the
 defaults): ``dataset`` (TFDS name, or path to an image folder / .tar / .tar.gz), ``data_dir``,
 ``download``, ``train_split``, ``eval_split``, ``loader`` (``auto`` | ``in_memory`` |
-``streaming``), ``augment`` (``cifar`` | ``imagenet_simple`` | ``imagenet_inception`` | ``none``),
+``streaming`` | ``grain``), ``grain_workers``, ``augment`` (``cifar`` | ``imagenet_simple`` | ``imagenet_inception`` | ``none``),
 ``image_size`` (0 = the images' own size if square, else 224), ``resize_mode`` (``both_sides`` |
 ``shorter_side``), ``cutout`` (0 = off), ``label_noise`` (fraction of training labels replaced by
 another class), ``train_examples`` (> 0: train on the first ``train_examples / num_classes``
@@ -17,7 +17,7 @@ examples of every class; the noise is drawn on that subset), ``seed``.
 
 Modules: ``sources`` (splits, ``Source``; :func:`resolve_source` here picks one), ``folders``
 (image folders and tar archives), ``tfds_data`` (TFDS data sets), ``augment`` (both loaders' augmentations),
-``in_memory`` and ``streaming`` (the loaders), ``order`` (example order), ``noise`` (label noise).
+``in_memory``, ``streaming`` and ``grain_loader`` (the loaders), ``order`` (example order), ``noise`` (label noise).
 
 ``loader='auto'`` picks ``in_memory`` when the images have one fixed size equal to
 ``image_size``, the augmentation is ``cifar`` or ``none``, and both splits decoded take at most
@@ -43,6 +43,7 @@ from dks_jax.data import noise as noise_lib
 from dks_jax.data.sources import DataNotFoundError
 
 if TYPE_CHECKING:  # imported where used: the loaders are needed only once a data set is built
+    from dks_jax.data.grain_loader import GrainLoader
     from dks_jax.data.in_memory import InMemoryLoader
     from dks_jax.data.streaming import StreamingLoader
 
@@ -50,7 +51,7 @@ __all__ = ["create", "Dataset", "DataNotFoundError", "IN_MEMORY_BYTES"]
 
 IN_MEMORY_BYTES = 4 * 1024**3
 DATA_FILE = "data.json"  # Dataset.describe() of a run's training data, in its workdir
-LOADERS = ("auto", "in_memory", "streaming")
+LOADERS = ("auto", "in_memory", "streaming", "grain")
 AUGMENTS = ("cifar", "imagenet_simple", "imagenet_inception", "none")
 
 log = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ class Dataset:
     Attributes:
       num_classes, num_train, num_eval: sizes (from the source; TFDS: the builder's info).
       image_shape: (H, W, C) of the batches' images.
-      loader: ``"in_memory"`` or ``"streaming"``.
+      loader: ``"in_memory"``, ``"streaming"`` or ``"grain"``.
       label_noise_report: ``{"requested", "realised", "num_changed", "num_examples", "seed"}``,
         or ``{}`` without label noise.
       class_names, source: the classes (index order) and the ``sources.Source``.
@@ -136,26 +137,26 @@ class Dataset:
     def eval_steps(self, global_batch: int) -> int:
         """Number of batches ``eval_iterator`` yields."""
         self._check(global_batch)
-        if isinstance(self.source.eval, sources.SequentialSplit):
+        if isinstance(self.source.eval, sources.SequentialSplit) and self.loader != "grain":
             per_process = -(-self.num_eval // self._process_count)
             return -(-per_process // (global_batch // self._process_count))
         return -(-self.num_eval // global_batch)
 
     def local_train_iterator(self, global_batch: int, *, start_step: int = 0):
-        """Streaming loader only: this process's part of each training batch, as NumPy:
+        """Streaming and grain loaders: this process's part of each training batch, as NumPy:
         {"image": float32 [b, H, W, C], "label": int32 [b]}, ``b = B / process_count``."""
         self._streaming_only("local_train_iterator")
         return self._impl.local_train_batches(global_batch, start_step=start_step)
 
     def local_eval_iterator(self, global_batch: int):
-        """Streaming loader only: this process's part of each eval batch, as NumPy: {"image":
+        """Streaming and grain loaders: this process's part of each eval batch, as NumPy: {"image":
         float32 [b, H, W, C], "label": int32 [b], "mask": bool [b]}."""
         self._streaming_only("local_eval_iterator")
         return self._impl.local_eval_batches(global_batch)
 
     def _streaming_only(self, what):
-        if self.loader != "streaming":
-            raise ValueError(f"{what} exists for the streaming loader; the in_memory loader "
+        if self.loader not in ("streaming", "grain"):
+            raise ValueError(f"{what} exists for the streaming and grain loaders; the in_memory loader "
                              "builds global batches on the devices")
 
 
@@ -241,7 +242,7 @@ def create(config, mesh, *, process_index: int | None = None,
     elif loader == "in_memory" and not in_memory_ok:
         raise errors.ConfigError(f"loader='in_memory' is not possible for {source.location}: {why}")
 
-    impl: InMemoryLoader | StreamingLoader
+    impl: InMemoryLoader | StreamingLoader | GrainLoader
     if loader == "in_memory":
         from dks_jax.data.in_memory import InMemoryLoader
 
@@ -260,6 +261,15 @@ def create(config, mesh, *, process_index: int | None = None,
             (ev.decode_all(), np.asarray(ev.labels, np.int32)),
             augment=augment, cutout=cutout, mean=source.mean, std=source.std, seed=seed,
             labels_for_seed=labels_for_seed,
+        )
+    elif loader == "grain":
+        from dks_jax.data.grain_loader import GrainLoader
+
+        impl = GrainLoader(
+            source, mesh, augment=augment, image_size=image_size, resize_mode=resize_mode,
+            cutout=cutout, mean=source.mean, std=source.std, seed=seed, noise=noise,
+            workers=int(config.get("grain_workers", 0)), process_index=process_index,
+            process_count=process_count,
         )
     else:
         from dks_jax.data.streaming import StreamingLoader

@@ -307,3 +307,135 @@ def tf_train_transform(data, seed, *, augment: str, size: int, resize_mode: str,
     if cutout:
         x = tf_apply_cutout(x, size, cutout, seeds[2])
     return x
+
+
+# ----------------------------------------------------------------------------- whole transforms: NumPy (grain)
+#
+# The grain loader (``grain_loader.py``) transforms one decoded example at a time in NumPy and PIL,
+# in its worker processes. ``rng`` is a ``numpy.random.Generator`` seeded per example from
+# (seed, epoch, position in the epoch), so the result does not depend on the number of workers.
+# Same transformations as above; resizing is PIL's bilinear (antialiased, as tf.image.resize with
+# antialias=True, to rounding: PIL resizes uint8), the Inception-style window is drawn as
+# torchvision's RandomResizedCrop draws it (10 attempts, else the central crop of allowed ratio).
+
+
+def np_normalise(img, mean, std):
+    """NumPy: uint8 or float [H, W, C] in [0, 255] -> float32, ``(x / 255 - mean) / std``."""
+    mean = np.asarray(mean, np.float32)
+    std = np.asarray(std, np.float32)
+    scale = (1.0 / (255.0 * std)).astype(np.float32)
+    bias = (-mean / std).astype(np.float32)
+    return np.asarray(img, np.float32) * scale + bias
+
+
+def np_pad_crop_flip(img, rng):
+    """NumPy: uint8 [H, W, C] -> uint8 [H, W, C]: zero-pad ``PAD``, random crop, random flip."""
+    h, w, _ = img.shape
+    padded = np.pad(img, ((PAD, PAD), (PAD, PAD), (0, 0)))
+    dy, dx = rng.integers(0, 2 * PAD + 1, 2)
+    out = padded[dy:dy + h, dx:dx + w]
+    return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def np_resize(img, size: int, resize_mode: str):
+    """NumPy/PIL: uint8 [H, W, 3] -> uint8 [R, R, 3] (``'both_sides'``) or the shorter side
+    ``R`` (``'shorter_side'``); bilinear, antialiased. ``R = resize_size(size)``."""
+    from PIL import Image
+
+    r = resize_size(size)
+    h, w = img.shape[:2]
+    if resize_mode == "both_sides":
+        new_hw = (r, r)
+    else:
+        new_hw = (max(r, round(h * r / min(h, w))), max(r, round(w * r / min(h, w))))
+    if (h, w) == new_hw:
+        return img
+    return np.asarray(Image.fromarray(img).resize((new_hw[1], new_hw[0]), Image.BILINEAR))
+
+
+def np_central_crop(img, size: int):
+    """NumPy: [H, W, C] with H, W >= S -> its central [S, S, C]."""
+    h, w = img.shape[:2]
+    y, x = (h - size) // 2, (w - size) // 2
+    return img[y:y + size, x:x + size]
+
+
+def np_resize_crop_flip(img, size: int, resize_mode: str, rng):
+    """NumPy: uint8 [H, W, 3] -> uint8 [S, S, 3]: ``np_resize``, random ``S x S`` crop, flip."""
+    x = np_resize(img, size, resize_mode)
+    h, w = x.shape[:2]
+    dy, dx = int(rng.integers(0, h - size + 1)), int(rng.integers(0, w - size + 1))
+    x = x[dy:dy + size, dx:dx + size]
+    return x[:, ::-1] if rng.random() < 0.5 else x
+
+
+def np_inception_window(h: int, w: int, rng) -> tuple[int, int, int, int]:
+    """The Inception-style crop window ``(y, x, height, width)`` of an ``h x w`` image: area 8%
+    to 100%, aspect ratio 3/4 to 4/3 (log-uniform), 10 attempts, else a central crop."""
+    area = h * w
+    log_ratio = np.log([3 / 4, 4 / 3])
+    for _ in range(10):
+        target = area * rng.uniform(0.08, 1.0)
+        ratio = float(np.exp(rng.uniform(*log_ratio)))
+        cw, ch = int(round(np.sqrt(target * ratio))), int(round(np.sqrt(target / ratio)))
+        if 0 < cw <= w and 0 < ch <= h:
+            return int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1)), ch, cw
+    ratio = w / h
+    if ratio < 3 / 4:
+        cw, ch = w, int(round(w / (3 / 4)))
+    elif ratio > 4 / 3:
+        ch, cw = h, int(round(h * 4 / 3))
+    else:
+        ch, cw = h, w
+    return (h - ch) // 2, (w - cw) // 2, ch, cw
+
+
+def np_inception_crop_flip(img, size: int, rng):
+    """NumPy/PIL: uint8 [H, W, 3] -> uint8 [S, S, 3]: Inception-style random-resized crop
+    (``np_inception_window``), resized to ``S x S`` (bilinear, antialiased), flip."""
+    from PIL import Image
+
+    y, x, ch, cw = np_inception_window(img.shape[0], img.shape[1], rng)
+    out = np.asarray(Image.fromarray(np.ascontiguousarray(img[y:y + ch, x:x + cw])).resize(
+        (size, size), Image.BILINEAR))
+    return out[:, ::-1] if rng.random() < 0.5 else out
+
+
+def np_apply_cutout(x, size: int, rng):
+    """NumPy: float32 [S, S, C] -> float32 [S, S, C], zero on a ``size x size`` square whose
+    centre is uniform in the image, clipped at the border."""
+    s0, s1 = x.shape[:2]
+    cy, cx = int(rng.integers(0, s0)), int(rng.integers(0, s1))
+    x = x.copy()
+    x[max(cy - size // 2, 0):max(cy - size // 2 + size, 0),
+      max(cx - size // 2, 0):max(cx - size // 2 + size, 0)] = 0
+    return x
+
+
+def np_eval_transform(img, *, size: int, resize_mode: str, mean, std):
+    """NumPy: decoded uint8 [H, W, 3] -> normalised float32 [S, S, 3] for evaluation (and
+    ``augment='none'``): the image itself when it is ``S x S``, else ``np_resize`` and the central
+    crop (as ``tf_eval_transform``)."""
+    if img.shape[:2] != (size, size):
+        img = np_central_crop(np_resize(img, size, resize_mode), size)
+    return np_normalise(img, mean, std)
+
+
+def np_train_transform(img, rng, *, augment: str, size: int, resize_mode: str, cutout: int,
+                       mean, std):
+    """NumPy: decoded uint8 [H, W, 3], ``numpy.random.Generator`` -> augmented, normalised
+    float32 [S, S, 3] (``augment='cifar'`` needs ``S x S`` images; the caller checks)."""
+    if augment == "none":
+        return np_eval_transform(img, size=size, resize_mode=resize_mode, mean=mean, std=std)
+    if augment == "cifar":
+        img = np_pad_crop_flip(img, rng)
+    elif augment == "imagenet_simple":
+        img = np_resize_crop_flip(img, size, resize_mode, rng)
+    elif augment == "imagenet_inception":
+        img = np_inception_crop_flip(img, size, rng)
+    else:
+        raise ValueError(f"unknown augment {augment!r}")
+    x = np_normalise(img, mean, std)
+    if cutout:
+        x = np_apply_cutout(x, cutout, rng)
+    return x
