@@ -402,8 +402,17 @@ def mock_tfds(tmp_path, name, shards, make_image):
             ex["tfds_id"] = tf.constant(ids)
         return tf.data.Dataset.from_tensor_slices(ex)
 
+    def as_data_source(self, split, decoders=None, **kwargs):
+        # tfds.data_source (ArrayRecord) stand-in: example i of the split, image encoded.
+        base = str(split).split("[")[0]
+        n = int(self.info.splits[split].num_examples)
+        start = int(tfds.core.ReadInstruction.from_spec(str(split)).to_absolute(
+            self.info.splits)[0].from_ or 0)
+        return [{"image": make_image(base, start + i), "label": start + i} for i in range(n)]
+
     return tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_FILES,
-                                  data_dir=str(tmp_path), as_dataset_fn=as_dataset)
+                                  data_dir=str(tmp_path), as_dataset_fn=as_dataset,
+                                  as_data_source_fn=as_data_source)
 
 
 def test_mock_cifar100_streaming(tmp_path):
@@ -666,18 +675,18 @@ def test_inception_crop_decodes_only_the_window_with_the_same_pixels(cifar_subse
         Image.fromarray(smooth.astype(np.uint8)).save(buf, format=fmt, quality=90)
         encoded.append(buf.getvalue())
     encoded.append(next((cifar_subset / "train").rglob("*.jpg")).read_bytes())  # 32x32 JPEG
-    for data in encoded:
-        whole = augment.tf_decode(tf.constant(data))
+    for blob in encoded:
+        whole = augment.tf_decode(tf.constant(blob))
         for k in range(6):
             seed = tf.constant([k, 7], tf.int64)
             begin, box = augment.tf_inception_window(tf.shape(whole), seed)
             want = tf.slice(whole, begin, box).numpy()
-            got = augment.tf_decode_inception_crop(tf.constant(data), seed).numpy()
+            got = augment.tf_decode_inception_crop(tf.constant(blob), seed).numpy()
             assert got.shape == want.shape and got.shape[0] * got.shape[1] >= 0.08 * \
                 whole.shape[0] * whole.shape[1] * 0.99
             inner = (slice(None), slice(1, -1))
             np.testing.assert_array_equal(got[inner], want[inner])
-            if data[:4] == b"\x89PNG":
+            if blob[:4] == b"\x89PNG":
                 np.testing.assert_array_equal(got, want)
 
 
@@ -797,3 +806,31 @@ def test_numpy_augmentations():
     ev = augment.np_eval_transform(big, size=32, resize_mode="both_sides", mean=(0,) * 3,
                                    std=(1,) * 3)
     assert ev.shape == (32, 32, 3)
+
+
+def test_grain_tfds_data_source(tmp_path):
+    pytest.importorskip("grain")
+
+    def image(split, i):
+        rng = np.random.default_rng([split == "train", i])
+        h, w = rng.integers(40, 90, 2)
+        return _encode(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "JPEG")
+
+    mesh = make_mesh(8)
+    with mock_tfds(tmp_path, "imagenet2012", {"train": [30, 34], "validation": [21]}, image):
+        c = config("imagenet2012", data_dir=str(tmp_path), eval_split="validation",
+                   loader="grain", augment="imagenet_simple", image_size=32, seed=1)
+        ds = data.create(c, mesh)
+        assert ds.loader == "grain" and isinstance(ds.source.train, sources.SequentialSplit)
+        spe = ds.steps_per_epoch(8)
+        labels = np.concatenate([b["label"] for b in take(ds.train_iterator(8), spe)])
+        assert sorted(labels) == list(range(64))  # one epoch: every example once
+        a = take(ds.train_iterator(8, start_step=3), 1)[0]
+        assert a["image"].shape == (8, 32, 32, 3) and np.isfinite(a["image"]).all()
+        ev = [host(b) for b in ds.eval_iterator(8)]  # 21 = 2 * 8 + 5
+        assert len(ev) == ds.eval_steps(8) == 3
+        np.testing.assert_array_equal(np.concatenate([b["label"][b["mask"]] for b in ev]),
+                                      np.arange(21))
+        c.augment = "imagenet_inception"
+        b = take(data.create(c, mesh).train_iterator(8, start_step=3), 1)[0]
+        np.testing.assert_array_equal(a["label"], b["label"])

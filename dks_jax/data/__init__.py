@@ -9,15 +9,17 @@
 Config fields read (top level; the config is built from ``config_base.base()``, which holds the
 defaults): ``dataset`` (TFDS name, or path to an image folder / .tar / .tar.gz), ``data_dir``,
 ``download``, ``train_split``, ``eval_split``, ``loader`` (``auto`` | ``in_memory`` |
-``streaming`` | ``grain``), ``grain_workers``, ``augment`` (``cifar`` | ``imagenet_simple`` | ``imagenet_inception`` | ``none``),
+``streaming`` | ``grain``), ``grain_workers``, ``augment`` (``cifar`` | ``imagenet_simple`` |
+``imagenet_inception`` | ``none``),
 ``image_size`` (0 = the images' own size if square, else 224), ``resize_mode`` (``both_sides`` |
 ``shorter_side``), ``cutout`` (0 = off), ``label_noise`` (fraction of training labels replaced by
 another class), ``train_examples`` (> 0: train on the first ``train_examples / num_classes``
 examples of every class; the noise is drawn on that subset), ``seed``.
 
 Modules: ``sources`` (splits, ``Source``; :func:`resolve_source` here picks one), ``folders``
-(image folders and tar archives), ``tfds_data`` (TFDS data sets), ``augment`` (both loaders' augmentations),
-``in_memory``, ``streaming`` and ``grain_loader`` (the loaders), ``order`` (example order), ``noise`` (label noise).
+(image folders and tar archives), ``tfds_data`` (TFDS data sets), ``augment`` (the loaders'
+augmentations), ``in_memory``, ``streaming`` and ``grain_loader`` (the loaders), ``order``
+(example order), ``noise`` (label noise).
 
 ``loader='auto'`` picks ``in_memory`` when the images have one fixed size equal to
 ``image_size``, the augmentation is ``cifar`` or ``none``, and both splits decoded take at most

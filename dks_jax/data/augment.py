@@ -309,7 +309,7 @@ def tf_train_transform(data, seed, *, augment: str, size: int, resize_mode: str,
     return x
 
 
-# ----------------------------------------------------------------------------- whole transforms: NumPy (grain)
+# ----------------------------------------------------------------------------- NumPy (grain)
 #
 # The grain loader (``grain_loader.py``) transforms one decoded example at a time in NumPy and PIL,
 # in its worker processes. ``rng`` is a ``numpy.random.Generator`` seeded per example from
@@ -350,7 +350,8 @@ def np_resize(img, size: int, resize_mode: str):
         new_hw = (max(r, round(h * r / min(h, w))), max(r, round(w * r / min(h, w))))
     if (h, w) == new_hw:
         return img
-    return np.asarray(Image.fromarray(img).resize((new_hw[1], new_hw[0]), Image.BILINEAR))
+    return np.asarray(Image.fromarray(img).resize((new_hw[1], new_hw[0]),
+                                                  Image.Resampling.BILINEAR))
 
 
 def np_central_crop(img, size: int):
@@ -397,7 +398,7 @@ def np_inception_crop_flip(img, size: int, rng):
 
     y, x, ch, cw = np_inception_window(img.shape[0], img.shape[1], rng)
     out = np.asarray(Image.fromarray(np.ascontiguousarray(img[y:y + ch, x:x + cw])).resize(
-        (size, size), Image.BILINEAR))
+        (size, size), Image.Resampling.BILINEAR))
     return out[:, ::-1] if rng.random() < 0.5 else out
 
 

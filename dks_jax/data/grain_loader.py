@@ -16,15 +16,16 @@ permutation is grain's, not ``order.py``'s: with augmentation off the batches ho
 than the in-memory and streaming loaders' (same data, other order). Evaluation uses
 ``order.eval_indices`` like them and gives the same batches.
 
-Per process: process ``p`` reads only its rows (``order.process_rows``) of every global batch: the
-sampler handed to grain maps the process's ``k``-th example to position ``s B + rows[k % b]``
-(``b = B / P``, ``s = start_step + k // b``), so the global batch does not depend on the number of
-processes, and grain's own sharding stays ``NoSharding``. The local batches become global
+Per process: process ``p`` reads only its rows (``order.process_rows``) of every global batch
+(positions ``s B + rows``), so the global batch does not depend on the number of processes, and
+grain's own sharding stays ``NoSharding``. The local batches become global
 jax.Arrays as in the streaming loader.
 
-Random numbers: each example's augmentation draws from
-``numpy.random.default_rng([stream, seed, epoch, position])``, handed to the transform as the
-record's ``rng``; nothing depends on the number of workers (``config.grain_workers``).
+One grain element is one local batch (``TrainBatches`` / ``EvalBatches``: read, decode with PIL,
+transform with the NumPy versions in ``augment.py``, stack), so each worker process
+(``config.grain_workers``) makes whole batches and grain returns them in step order. Each
+example's augmentation draws from ``numpy.random.default_rng([stream, seed, epoch, position])``;
+nothing depends on the number of workers (tested: 0 and 2 give the same batches).
 
 Resume: ``train_iterator(B, start_step=s)`` starts at position ``s B``, exactly where an
 uninterrupted iterator is after ``s`` steps. The iterator also has ``get_state`` / ``set_state``
@@ -122,120 +123,100 @@ class TfdsRecords:
         return f"TfdsRecords({self.description!r})"
 
 
-class PaddedRecords:
-    """``records`` at the indices ``local`` (int64 [n]; -1 = padding: no image, mask False)."""
+class TrainBatches:
+    """Grain data source whose element ``step`` is this process's part of training step ``step``:
+    positions ``step * B + rows`` of the shuffled stream of ``base`` (a ``grain.IndexSampler``),
+    each read, decoded and augmented with an rng seeded from (seed, epoch, position), stacked.
 
-    def __init__(self, records, local):
+    One grain element is one local batch, so with worker processes each worker makes whole
+    batches and grain returns them in step order: the batches do not depend on the worker count.
+    """
+
+    def __init__(self, records, base, num_examples: int, global_batch: int, rows, seed: int,
+                 settings: dict):
+        self.records = records
+        self.base = base
+        self.n = int(num_examples)
+        self.global_batch = int(global_batch)
+        self.rows = np.asarray(rows, np.int64)
+        self.seed = int(seed)
+        self.s = settings
+
+    def __len__(self) -> int:
+        return _ENDLESS
+
+    def __getitem__(self, step):
+        s = self.s
+        images, labels = [], []
+        for pos in int(step) * self.global_batch + self.rows:
+            el = self.records[self.base[int(pos)].record_key]
+            rng = np.random.default_rng([_AUG_STREAM, self.seed % 2**63, int(pos) // self.n,
+                                         int(pos)])
+            images.append(augment_lib.np_train_transform(
+                _check(el, s), rng, augment=s["augment"], size=s["size"],
+                resize_mode=s["resize_mode"], cutout=s["cutout"], mean=s["mean"], std=s["std"]))
+            labels.append(el["label"])
+        return {"image": np.stack(images), "label": np.asarray(labels, np.int32)}
+
+    def __repr__(self):
+        return f"TrainBatches({self.records!r}, {self.base!r}, global_batch={self.global_batch})"
+
+
+class EvalBatches:
+    """Grain data source whose element ``k`` is this process's part of eval batch ``k``:
+    ``local`` (int64 [S, b], -1 = padding: zero image, label 0, mask False)."""
+
+    def __init__(self, records, local, settings: dict):
         self.records = records
         self.local = np.asarray(local, np.int64)
+        self.s = settings
 
     def __len__(self) -> int:
         return len(self.local)
 
-    def __getitem__(self, j):
-        i = int(self.local[int(j)])
-        if i < 0:
-            return {"image": None, "label": np.int32(0), "key": -1, "mask": False}
-        return {**self.records[i], "mask": True}
+    def __getitem__(self, k):
+        s = self.s
+        size = s["size"]
+        images, labels = [], []
+        for i in self.local[int(k)]:
+            if i < 0:
+                images.append(np.zeros((size, size, 3), np.float32))
+                labels.append(0)
+                continue
+            el = self.records[int(i)]
+            images.append(augment_lib.np_eval_transform(
+                _check(el, s), size=size, resize_mode=s["resize_mode"], mean=s["mean"],
+                std=s["std"]))
+            labels.append(el["label"])
+        return {"image": np.stack(images), "label": np.asarray(labels, np.int32),
+                "mask": self.local[int(k)] >= 0}
 
     def __repr__(self):
-        return f"PaddedRecords({self.records!r}, {len(self.local)})"
+        return f"EvalBatches({self.records!r}, {self.local.shape})"
 
 
 # ----------------------------------------------------------------------------- samplers
 
 
-class TrainSampler:
-    """This process's part of the endless training stream, from ``start_step``.
+class StepSampler:
+    """Entries ``start, start + 1, ...`` (``stop`` excluded; None = endless), in order."""
 
-    Entry ``k`` is position ``(start_step + k // b) * B + rows[k % b]`` of the shuffled stream of
-    ``base`` (a ``grain.IndexSampler``); its ``rng`` is seeded from (seed, epoch, position).
-    """
-
-    def __init__(self, base, num_examples: int, global_batch: int, rows, start_step: int,
-                 seed: int):
-        self.base = base
-        self.n = int(num_examples)
-        self.global_batch = int(global_batch)
-        self.rows = np.asarray(rows, np.int64)
-        self.start_step = int(start_step)
-        self.seed = int(seed)
+    def __init__(self, start: int = 0, stop: int | None = None):
+        self.start = int(start)
+        self.stop = stop
 
     def __len__(self) -> int:
-        return _ENDLESS
-
-    def position(self, k: int) -> int:
-        b = len(self.rows)
-        return (self.start_step + k // b) * self.global_batch + int(self.rows[k % b])
+        return (_ENDLESS if self.stop is None else self.stop) - self.start
 
     def __getitem__(self, k: int):
         from grain._src.python.record import RecordMetadata
 
-        if k < 0 or k >= _ENDLESS:
+        if not 0 <= k < len(self):
             raise IndexError(k)
-        pos = self.position(int(k))
-        meta = self.base[pos]
-        rng = np.random.default_rng([_AUG_STREAM, self.seed % 2**63, pos // self.n, pos])
-        return RecordMetadata(index=pos, record_key=meta.record_key, rng=rng)
+        return RecordMetadata(index=int(k), record_key=self.start + int(k), rng=None)
 
     def __repr__(self):
-        return (f"TrainSampler({self.base!r}, global_batch={self.global_batch}, "
-                f"rows={len(self.rows)}, start_step={self.start_step})")
-
-
-class EvalSampler:
-    """Entries ``0 .. n - 1`` in order, once."""
-
-    def __init__(self, n: int):
-        self.n = int(n)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, k: int):
-        from grain._src.python.record import RecordMetadata
-
-        if not 0 <= k < self.n:
-            raise IndexError(k)
-        return RecordMetadata(index=int(k), record_key=int(k), rng=None)
-
-    def __repr__(self):
-        return f"EvalSampler({self.n})"
-
-
-# ----------------------------------------------------------------------------- transforms
-
-
-def _grain_transforms():
-    grain = import_grain()
-
-    class TrainTransform(grain.RandomMapTransform):
-        def __init__(self, settings):
-            self.s = settings
-
-        def random_map(self, element, rng):
-            s = self.s
-            img = _check(element, s)
-            x = augment_lib.np_train_transform(
-                img, rng, augment=s["augment"], size=s["size"], resize_mode=s["resize_mode"],
-                cutout=s["cutout"], mean=s["mean"], std=s["std"])
-            return {"image": x, "label": np.int32(element["label"])}
-
-    class EvalTransform(grain.MapTransform):
-        def __init__(self, settings):
-            self.s = settings
-
-        def map(self, element):
-            s = self.s
-            if not element["mask"]:
-                return {"image": np.zeros((s["size"], s["size"], 3), np.float32),
-                        "label": np.int32(0), "mask": np.bool_(False)}
-            img = _check(element, s)
-            x = augment_lib.np_eval_transform(img, size=s["size"], resize_mode=s["resize_mode"],
-                                              mean=s["mean"], std=s["std"])
-            return {"image": x, "label": np.int32(element["label"]), "mask": np.bool_(True)}
-
-    return TrainTransform, EvalTransform
+        return f"StepSampler({self.start}, {self.stop})"
 
 
 def _check(element, s):
@@ -321,6 +302,13 @@ class GrainLoader:
 
     def _loader(self, records, sampler, operations):
         grain = import_grain()
+        if self.workers:
+            from absl import flags
+
+            # grain's workers read absl flags (its own, with defaults); a program that did not
+            # parse flags (a notebook, pytest) would fail on the first read.
+            if not flags.FLAGS.is_parsed():
+                flags.FLAGS.mark_as_parsed()
         return grain.DataLoader(data_source=records, sampler=sampler, operations=operations,
                                 worker_count=self.workers, shard_options=grain.NoSharding())
 
@@ -331,22 +319,16 @@ class GrainLoader:
         order.steps_per_epoch(self.num_train, global_batch)
         base = grain.IndexSampler(num_records=self.num_train, shuffle=True, seed=self.seed,
                                   num_epochs=None, shard_options=grain.NoSharding())
-        sampler = TrainSampler(base, self.num_train, global_batch, rows, start_step, self.seed)
-        train_t, _ = _grain_transforms()
-        ops = [train_t(self._settings(self.source.train, train=True)),
-               grain.Batch(len(rows), drop_remainder=True)]
-        return self._loader(self._train_records, sampler, ops)
+        batches = TrainBatches(self._train_records, base, self.num_train, global_batch, rows,
+                               self.seed, self._settings(self.source.train, train=True))
+        return self._loader(batches, StepSampler(start_step), [])
 
     def eval_loader(self, global_batch: int):
-        grain = import_grain()
         rows = self.rows(global_batch)
         idx, _ = order.eval_indices(self.source.eval.num_examples, global_batch)
-        local = idx[:, rows].reshape(-1)
-        _, eval_t = _grain_transforms()
-        ops = [eval_t(self._settings(self.source.eval, train=False)),
-               grain.Batch(len(rows), drop_remainder=True)]
-        return self._loader(PaddedRecords(self._eval_records, local), EvalSampler(len(local)),
-                            ops)
+        batches = EvalBatches(self._eval_records, idx[:, rows],
+                              self._settings(self.source.eval, train=False))
+        return self._loader(batches, StepSampler(0, len(idx)), [])
 
     # -------------------------------------------------------------------- iterators
 

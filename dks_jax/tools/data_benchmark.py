@@ -9,7 +9,9 @@ Measures, on the default JAX devices (the host CPU unless an accelerator is pres
 * the streaming loader on the same images (tf.data decode + augmentation),
 * the streaming loader on mock ImageNet (``tfds.testing.mock_data``, 500x375 JPEGs) at 224x224,
   with the "simple" (resize 256x256, random crop 224, flip) and Inception-style augmentations,
-  and evaluation (resize + central crop).
+  and evaluation (resize + central crop),
+* the grain loader (``loader=grain``, 0 and 2 worker processes) on the same mock ImageNet through
+  ``tfds.data_source`` (mocked: in-memory records), PIL decode and NumPy/PIL augmentation.
 
 Each figure is global images per second after a warm-up (compilation, pipeline start).
 """
@@ -146,8 +148,12 @@ def _mock_imagenet(tmp, num_train, num_eval):
             ex["tfds_id"] = tf.constant(ids)
         return tf.data.Dataset.from_tensor_slices(ex)
 
+    def as_data_source(self, split, decoders=None, **kwargs):  # tfds.data_source stand-in
+        n = int(self.info.splits[split].num_examples)
+        return [{"image": images[i % len(images)], "label": i % 1000} for i in range(n)]
+
     return tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_FILES, data_dir=tmp,
-                                  as_dataset_fn=as_dataset)
+                                  as_dataset_fn=as_dataset, as_data_source_fn=as_data_source)
 
 
 def main(argv) -> list:
@@ -217,6 +223,11 @@ def main(argv) -> list:
             ds = data.create(c, mesh)
             report(f"mock ImageNet 500x375 JPEG -> 224 B={b}: {augment}",
                    _rate(ds.train_iterator(b), b, args.seconds))
+            for workers in (0, 2):
+                c.loader, c.grain_workers = "grain", workers
+                ds = data.create(c, mesh)
+                report(f"mock ImageNet -> 224 B={b}: grain ({workers} workers), {augment}",
+                       _rate(ds.train_iterator(b), b, args.seconds))
         c = _config(dataset="imagenet2012", data_dir=tmp, eval_split="validation",
                     augment="imagenet_simple", image_size=224, resize_mode="shorter_side")
         ds = data.create(c, mesh)
