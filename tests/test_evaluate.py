@@ -52,6 +52,7 @@ def test_cli_writes_json_and_markdown(trained, tmp_path, capsys):
         evaluate.main([f"--workdir={workdir}", "--config.no_such_field=1"])
 
 
+@pytest.mark.slow  # about 14 s more on 2 cores: `make test-all`
 def test_another_data_set_given_as_a_folder_with_only_a_test_split(trained, cifar_subset, tmp_path):
     workdir, _, final = trained
     shifted = tmp_path / "shifted"

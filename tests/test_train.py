@@ -61,7 +61,9 @@ def params_of(workdir):
 
 
 # baseline and dks also train in the default suite elsewhere (a branch alone, the workdir lock).
-@pytest.mark.parametrize("method", [pytest.param("baseline", marks=pytest.mark.slow), "ds", "dsn",
+# DSN's objective is checked against hand values in test_losses; its end-to-end run is slow.
+@pytest.mark.parametrize("method", [pytest.param("baseline", marks=pytest.mark.slow), "ds",
+                                    pytest.param("dsn", marks=pytest.mark.slow),
                                     pytest.param("dks", marks=pytest.mark.slow), "dhm", "byot"])
 def test_every_method_trains_end_to_end(cifar_subset, tmp_path, method):
     config = tiny_config(cifar_subset, method=method, aux="none" if method == "baseline" else "paper")
@@ -365,6 +367,7 @@ def test_corrupt_latest_checkpoint_falls_back(cifar_subset, tmp_path, caplog):
     ck.close()
 
 
+@pytest.mark.slow  # about 57 s on 2 cores: `make test-all`
 def test_num_seeds_equals_separate_runs(cifar_subset, tmp_path):
     """config.num_seeds=2 trains seeds 0 and 1 in one vmapped program; each equals its own run,
     label noise included (each seed draws its own)."""
