@@ -112,6 +112,7 @@ def test_resnet_paper_branches_equal_registry_heads():
 # (b) a user's ViT, token branches, jit + grad of the DKS objective.
 
 
+@pytest.mark.slow  # about 20 s on 2 cores: `make test-all`
 def test_vit_dks_objective_jit_grad():
     vit = TinyViT(10, rngs=nnx.Rngs(0))
     wrapped = att.attach(vit, _vit_taps(), num_classes=10, rngs=nnx.Rngs(1), example=IMAGES)
