@@ -29,6 +29,17 @@ from dks_jax import errors, paths
 NONFINITE_FILE = "nonfinite.json"
 
 
+class _UnevaluatedSaveNote(logging.Filter):
+    """Orbax warns at every save without metrics when a best checkpoint is tracked; here a save
+    between evaluations is expected (it is kept as one of the latest, never as the best)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_UnevaluatedSaveNote())
+
+
 class CheckpointError(errors.UserError, RuntimeError):
     """No usable checkpoint could be restored, or the workdir holds another run's checkpoints."""
 
