@@ -81,6 +81,7 @@ def summary(result: dict, workdir, seconds: float) -> str:
             ("checkpoints", "the latest checkpoints and the one of the best main-head (C1) top-1 "
                             "(resume: run the same command again)"),
             ("export", "the main path alone, for inference (dks_jax.load)"),
+            ("data.json", "the training data's classes and normalisation (python -m dks_jax.evaluate)"),
             (metrics.METRICS_FILE, "every metric, one JSON line per log step")]
     for name, what in held:
         if (workdir / name).exists():
