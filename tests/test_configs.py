@@ -101,3 +101,26 @@ def test_from_run_fills_fields_added_since(tmp_path):
     assert config.loss.byot_lambda == config_base.base().loss.byot_lambda
     with pytest.raises(errors.ConfigError, match="no config.json"):
         config_base.from_run(tmp_path / "elsewhere")
+
+
+RECIPE_LINE = re.compile(r"^    epochs, batch  (\d+), (\d+)\s*$|^    learning rate  ([\d.]+), step schedule: "
+                         r"x([\d.]+) at epochs ([\d, ]+?)\s*$", re.M)
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.py")), ids=lambda p: p.stem)
+def test_docstring_recipe_states_the_config_values(path):
+    """The "Recipe:" block of a config's docstring says what its default preset sets (epochs,
+    batch, learning rate and step schedule), so the recipes stay readable and true."""
+    text = path.read_text()
+    assert "Recipe:" in text, f"{path.name} has no Recipe block"
+    found = RECIPE_LINE.findall(text.split('"""')[1])
+    if not found:  # a block that describes several backbones in words: nothing to parse
+        return
+    config = load(path, None)  # the default preset, which the block describes
+    for epochs, batch, lr, factor, boundaries in found:
+        if epochs:
+            assert (float(epochs), int(batch)) == (config.num_epochs, config.batch_size), path.name
+        else:
+            assert float(lr) == config.learning_rate and config.lr_schedule == "step", path.name
+            assert float(factor) == pytest.approx(config.lr_decay_factor), path.name
+            assert [float(b) for b in boundaries.split(",")] == list(config.lr_boundaries)
