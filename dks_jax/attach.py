@@ -37,11 +37,18 @@ the plain model's), other instances of the class are untouched, and outside the 
 user's model (and ``nnx.graphdef`` of it) is exactly as given. Under ``jax.jit`` the swap happens
 while tracing only.
 
-**Train / eval mode of the branches** (BatchNorm in :class:`Conv` and :class:`Family` branches): a
-``train=`` keyword of the call if given (this project's convention), else the wrapper's
-``use_running_average`` attribute, which ``wrapped.train()`` / ``wrapped.eval()`` set like they set
-``nnx.BatchNorm``'s. ``rngs=`` of the call (an ``nnx.Rngs``) is passed to :class:`Family` branches
-for dropout.
+**The call convention** is this project's whatever the model's: ``wrapped(x, train=..., rngs=...)``.
+``train`` reaches the model as a keyword if its ``__call__`` takes one, else sets its modules'
+``deterministic`` / ``use_running_average`` attributes (as ``model.train()`` / ``.eval()`` do); it
+also sets the branches' BatchNorm mode (without it: the wrapper's ``use_running_average``, which
+``wrapped.train()`` / ``.eval()`` set). ``rngs`` (an ``nnx.Rngs``) reaches the model if its call takes
+it, and :class:`Family` branches (dropout). ``offsets={tap name: array}`` adds an array to a tapped
+output (before the model and the branch read it) and :meth:`Attached.features` returns the tapped
+maps: the trainer's gradient-consistency metric. ``return_features=True`` (with ``classifier=``)
+returns BYOT's features too.
+
+**From a config**: :func:`create` builds a factory's model (``config.model = "module:function"``)
+with the taps of ``config.taps`` (:func:`parse_taps`); see docs/models.md.
 """
 
 from __future__ import annotations
@@ -49,14 +56,21 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import importlib
+import importlib.util
+import inspect
 import math
-from collections.abc import Iterator, Mapping, Sequence
+import os
+import pathlib
+import sys
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dks_jax import errors
 from dks_jax.models import branches as branches_lib
 from dks_jax.models import layers
 
@@ -69,9 +83,13 @@ __all__ = [
     "Tokens",
     "Transformer",
     "attach",
+    "create",
     "export_state",
+    "is_factory",
+    "load_factory",
     "load_main",
     "parse_path",
+    "parse_taps",
 ]
 
 
@@ -129,7 +147,9 @@ DESIGNS: dict[str, Design] = {
     "simple": Simple(),
     "conv": Conv(),
     "tokens": Tokens(),
+    "tokens_cls": Tokens(cls=True),
     "transformer": Transformer(),
+    "transformer_cls": Transformer(cls=True),
 }
 
 _RANK = {Simple: 4, Conv: 4, Family: 4, Tokens: 3, Transformer: 3}
@@ -175,10 +195,11 @@ class TokensHead(nnx.Module):
         self.class_token = class_token
         self.norm = LayerNorm(features, dtype=dtype)
         self.fc = layers.Linear(features, num_classes, dtype=dtype, rngs=rngs)
+        self.adapter: layers.Linear | None = nnx.data(None)  # BYOT's, set by attach
 
-    def __call__(self, x, *, train: bool = False, rngs=None):
+    def __call__(self, x, *, train: bool = False, rngs=None, return_feature: bool = False):
         x = x[:, 0] if self.class_token else jnp.mean(x.astype(jnp.float32), axis=1).astype(x.dtype)
-        return self.fc(self.norm(x))
+        return _classify(self, self.norm(x), return_feature)
 
 
 class TransformerBranch(nnx.Module):
@@ -197,7 +218,12 @@ class TransformerBranch(nnx.Module):
         self.mlp2 = layers.Linear(spec.mlp_ratio * features, features, dtype=dtype, rngs=rngs)
         self.head = TokensHead(features, num_classes, class_token=spec.cls, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, *, train: bool = False, rngs=None):
+    @property
+    def fc(self) -> layers.Linear:
+        """The classifier (DSN's squared norm reads its kernel)."""
+        return self.head.fc
+
+    def __call__(self, x, *, train: bool = False, rngs=None, return_feature: bool = False):
         b, t, d = x.shape
         x = x.astype(self.dtype)
         q, k, v = jnp.split(self.qkv(self.norm1(x)).reshape(b, t, 3, self.heads, d // self.heads),
@@ -205,7 +231,7 @@ class TransformerBranch(nnx.Module):
         attn = jax.nn.dot_product_attention(q[:, :, 0], k[:, :, 0], v[:, :, 0])  # [B, T, H, Dh]
         x = x + self.proj(attn.reshape(b, t, d))
         x = x + self.mlp2(jax.nn.gelu(self.mlp1(self.norm2(x))))
-        return self.head(x)
+        return self.head(x, return_feature=return_feature)
 
 
 class PoolFC(nnx.Module):
@@ -220,11 +246,21 @@ class PoolFC(nnx.Module):
                                                 cfg=cfg, rngs=rngs))
                 features = width
         self.fc = layers.Linear(features, num_classes, dtype=cfg.dtype, rngs=rngs)
+        self.adapter: layers.Linear | None = nnx.data(None)  # BYOT's, set by attach
 
-    def __call__(self, x, *, train: bool = False, rngs=None):
+    def __call__(self, x, *, train: bool = False, rngs=None, return_feature: bool = False):
         for conv in self.convs:
             x = conv(x, train=train)
-        return self.fc(layers.global_avg_pool(x))
+        return _classify(self, layers.global_avg_pool(x), return_feature)
+
+
+def _classify(branch, feature: jax.Array, return_feature: bool):
+    """``branch.fc(feature)``, with ``return_feature`` also ``branch.adapter(feature)`` (BYOT)."""
+    if not return_feature:
+        return branch.fc(feature)
+    if branch.adapter is None:
+        raise ValueError("return_features needs attach(..., classifier=<path>) (BYOT's adapters)")
+    return branch.fc(feature), branch.adapter(feature)
 
 
 def _build(design: Design, shape: tuple[int, ...], num_classes: int, cfg, keys) -> nnx.Module:
@@ -295,26 +331,37 @@ def _resolve(model, path: Path):
 # ---------------------------------------------------------------------------------------------
 # Capture.
 
-# While a wrapper's call runs: (id(tapped module) -> [(call order, output)], [calls so far]).
-_RECORD: contextvars.ContextVar[tuple[dict[int, list], list[int]] | None] = contextvars.ContextVar(
-    "dks_jax_attach_record", default=None
+@dataclasses.dataclass
+class _Capture:
+    """What one wrapper call records: per tapped module (by ``id``) its calls as ``(order, input,
+    output)``, ``order`` counting returns; and the offsets added to tapped outputs."""
+
+    calls: dict[int, list] = dataclasses.field(default_factory=dict)
+    offsets: dict[int, jax.Array] = dataclasses.field(default_factory=dict)
+    returned: int = 0
+
+
+_CAPTURE: contextvars.ContextVar[_Capture | None] = contextvars.ContextVar(
+    "dks_jax_attach_capture", default=None
 )
 _TAPPED: dict[type, type] = {}
 
 
 def _tapped_class(cls: type) -> type:
-    """A subclass of ``cls`` whose ``__call__`` records its output (cached per class)."""
+    """A subclass of ``cls`` whose ``__call__`` records its first argument and its output, and adds
+    an offset to the output when one is given (cached per class)."""
     sub = _TAPPED.get(cls)
     if sub is None:
         original = cls.__call__
 
         def __call__(self, *args, **kwargs):
             out = original(self, *args, **kwargs)
-            context = _RECORD.get()
-            if context is not None and id(self) in context[0]:
-                record, count = context
-                count[0] += 1
-                record[id(self)].append((count[0], out))
+            capture = _CAPTURE.get()
+            if capture is not None and id(self) in capture.calls:
+                if id(self) in capture.offsets:
+                    out = out + capture.offsets[id(self)].astype(out.dtype)
+                capture.returned += 1
+                capture.calls[id(self)].append((capture.returned, args[0] if args else None, out))
             return out
 
         sub = type(cls.__name__, (cls,), {"__call__": __call__, "__module__": cls.__module__,
@@ -324,37 +371,51 @@ def _tapped_class(cls: type) -> type:
 
 
 @contextlib.contextmanager
-def _capturing(modules: Sequence[nnx.Module]) -> Iterator[dict[int, list]]:
-    """While open, every call of ``modules`` appends ``(call order, output)`` to the yielded dict,
-    keyed by ``id(module)`` (order: when the call returned); their classes are restored on exit."""
-    record: dict[int, list] = {id(m): [] for m in modules}
-    if len(record) != len(modules):
+def _capturing(modules: Sequence[nnx.Module], offsets: Sequence[jax.Array | None] = ()
+               ) -> Iterator[_Capture]:
+    """While open, every call of ``modules`` is recorded in the yielded :class:`_Capture` (and
+    ``offsets[i]``, if given, is added to module ``i``'s output); classes are restored on exit."""
+    capture = _Capture(calls={id(m): [] for m in modules})
+    if len(capture.calls) != len(modules):
         raise ValueError("two taps name the same submodule instance")
+    for m, offset in zip(modules, offsets, strict=False):
+        if offset is not None:
+            capture.offsets[id(m)] = offset
     originals = [type(m) for m in modules]
-    token = _RECORD.set((record, [0]))
+    token = _CAPTURE.set(capture)
     try:
         for m, cls in zip(modules, originals, strict=True):
             object.__setattr__(m, "__class__", _tapped_class(cls))
-        yield record
+        yield capture
     finally:
         for m, cls in zip(modules, originals, strict=True):
             object.__setattr__(m, "__class__", cls)
-        _RECORD.reset(token)
+        _CAPTURE.reset(token)
 
 
-def _run(model, paths: Sequence[Path], args, kwargs):
-    """The user's forward with the taps captured: ``(output, [(order, tapped output)] per path)``."""
+def _run(model, paths: Sequence[Path], args, kwargs, offsets: Sequence[jax.Array | None] = ()):
+    """The user's forward with the taps captured: ``(output, [(order, input, output)] per path)``."""
     modules = [_resolve(model, p) for p in paths]
-    with _capturing(modules) as record:
+    with _capturing(modules, offsets) as capture:
         out = model(*args, **kwargs)
     found = []
     for p, m in zip(paths, modules, strict=True):
-        calls = record[id(m)]
+        calls = capture.calls[id(m)]
         if len(calls) != 1:
             raise ValueError(f"tap {_name(p)!r} was called {len(calls)} times in the forward pass; "
                              "a tap must be called exactly once")
         found.append(calls[0])
     return out, found
+
+
+def _accepts(fn, name: str) -> bool:
+    """Whether ``fn`` takes a keyword argument ``name`` (by name, or through ``**kwargs``)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.name == name and p.kind is not p.POSITIONAL_ONLY or p.kind is p.VAR_KEYWORD
+               for p in params)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,32 +425,83 @@ def _run(model, paths: Sequence[Path], args, kwargs):
 class Attached(nnx.Module):
     """A user's model (``self.model``, unchanged) + auxiliary branches (``self.branches``).
 
-    ``self(*args, **kwargs)`` -> tuple of ``num_heads`` float32 logits ``[B, K]``: the model's own
-    output, then the branches from the deepest tap to the shallowest (``tap_paths`` in that order).
+    ``self(*args, train=None, rngs=None, **kwargs)`` -> tuple of ``num_heads`` float32 logits
+    ``[B, K]``: the model's own output, then the branches from the deepest tap to the shallowest
+    (``tap_paths`` in that order). See the module doc for how ``train`` and ``rngs`` reach a model
+    whose call does not take them, and for ``offsets`` / ``return_features``.
     """
 
     def __init__(self, model: nnx.Module, paths: Sequence[Path], branch_modules: Sequence[nnx.Module],
-                 names: Sequence[str]):
+                 names: Sequence[str], *, classifier: Path | None = None):
         self.model = model
         self.branches = nnx.List(branch_modules)
         self.tap_paths = tuple(paths)
         self.head_names = ("C1",) + tuple(names)
+        self.classifier = classifier
+        call = type(model).__call__
+        self.passes = tuple(k for k in ("train", "rngs") if _accepts(call, k))
         self.use_running_average = False  # set by .train() / .eval(): the branches' BN mode
 
     @property
     def num_heads(self) -> int:
         return 1 + len(self.branches)
 
-    def __call__(self, *args, **kwargs):
-        out, found = _run(self.model, self.tap_paths, args, kwargs)
-        train = bool(kwargs["train"]) if "train" in kwargs else not self.use_running_average
-        rngs = kwargs.get("rngs")
-        rngs = rngs if isinstance(rngs, nnx.Rngs) else None
-        heads = [_main(out)]
-        for i, (branch, (_, x)) in enumerate(zip(self.branches, found, strict=True)):
+    @property
+    def taps(self) -> tuple[str, ...]:
+        """The tap names (``"blocks.6"``), one per branch, deepest first: the keys of ``offsets``
+        and of :meth:`features`' maps (as ``Network.taps`` are for registry models)."""
+        return tuple(_name(p) for p in self.tap_paths)
+
+    def _forward(self, args, kwargs, train, rngs, offsets=None, classifier=False):
+        if train is not None and "train" in self.passes:
+            kwargs["train"] = train
+        elif train is not None:  # a model without train=: its modules' own mode attributes
+            self.model.set_attributes(deterministic=not train, use_running_average=not train,
+                                      raise_if_not_found=False)
+        if rngs is not None and "rngs" in self.passes:
+            kwargs["rngs"] = rngs
+        paths = list(self.tap_paths)
+        offsets = dict(offsets or {})
+        unknown = set(offsets) - set(self.taps)
+        if unknown:
+            raise ValueError(f"offsets at {sorted(unknown)}: not taps {self.taps}")
+        shifts = [offsets.get(name) for name in self.taps]
+        if classifier:
+            if self.classifier is None:
+                raise ValueError("return_features needs attach(..., classifier=<path>) (BYOT)")
+            paths.append(self.classifier)
+        return _run(self.model, paths, args, kwargs, shifts)
+
+    def features(self, *args, train: bool | None = None, rngs=None, **kwargs):
+        """``(output, {tap name: tapped output})``: the user's forward and the maps the branches
+        read."""
+        out, found = self._forward(args, kwargs, train, rngs)
+        return out, {name: x for name, (_, _, x) in zip(self.taps, found, strict=True)}
+
+    def __call__(self, *args, train: bool | None = None, rngs=None,
+                 offsets: Mapping[str, jax.Array] | None = None, return_features: bool = False,
+                 **kwargs):
+        out, found = self._forward(args, kwargs, train, rngs, offsets, return_features)
+        branch_train = not self.use_running_average if train is None else bool(train)
+        branch_rngs = rngs if isinstance(rngs, nnx.Rngs) else None
+        heads, feats = [_main(out)], []
+        if return_features:
+            feats.append(found.pop()[1])  # the classifier's input: the main feature
+            if feats[0].ndim != 2:
+                raise ValueError(f"classifier {_name(self.classifier or ())!r} takes "
+                                 f"{_describe(feats[0])}; BYOT needs a feature [B, D]")
+        for i, (branch, (_, _, x)) in enumerate(zip(self.branches, found, strict=True)):
             with layers.mac_scope(f"branches/{i}"):
-                heads.append(branch(x, train=train, rngs=rngs))
-        return tuple(jnp.asarray(z).astype(jnp.float32) for z in heads)
+                y = branch(x, train=branch_train, rngs=branch_rngs, return_feature=return_features)
+            if return_features:
+                heads.append(y[0])
+                feats.append(y[1])
+            else:
+                heads.append(y)
+        logits = tuple(jnp.asarray(z).astype(jnp.float32) for z in heads)
+        if return_features:
+            return logits, tuple(f.astype(jnp.float32) for f in feats)
+        return logits
 
 
 def _main(out) -> Any:
@@ -417,55 +529,174 @@ def attach(
     example: Any,
     example_kwargs: Mapping[str, Any] | None = None,
     dtype=jnp.float32,
+    classifier: str | Sequence[str | int] | None = None,
 ) -> Attached:
     """``model`` with one auxiliary branch per tap (see the module doc).
 
     taps: ``{path: design}``; path ``"layer3"``, ``"blocks.6"`` or ``("blocks", 6)``; design a name
       in :data:`DESIGNS` or a spec (:class:`Simple`, :class:`Conv`, :class:`Tokens`,
-      :class:`Transformer`, :class:`Family`).
+      :class:`Transformer`, :class:`Family`). No taps: the model's own head alone (a baseline).
     example: the model's input (an array or ``jax.ShapeDtypeStruct``), or a tuple of positional
       arguments; ``example_kwargs`` its keyword arguments (e.g. ``{"train": False}``). The model is
       run once on it under ``jax.eval_shape`` to learn the tapped shapes and their order.
     dtype: the branches' compute dtype (parameters are float32).
+    classifier: for BYOT's feature hints only: the path of the model's classifier submodule (e.g.
+      ``"head"``), whose input ``[B, D]`` is the main feature; every branch then gets an
+      adaptation layer from its classifier's input to ``D``, and the call takes
+      ``return_features=True``.
     """
     if not isinstance(model, nnx.Module):
         raise TypeError(f"attach: model must be an nnx.Module, got {type(model).__name__}")
-    if not taps:
-        raise ValueError("attach: no taps given")
     paths = [parse_path(t) for t in taps]
     designs = [_design(d) for d in taps.values()]
     if len(set(paths)) != len(paths):
         raise ValueError(f"attach: a tap is given twice: {[_name(p) for p in paths]}")
-    for p in paths:
+    head = parse_path(classifier) if classifier is not None else None
+    for p in paths + ([head] if head else []):
         _resolve(model, p)  # errors name the path before anything is traced
     args = example if isinstance(example, tuple) else (example,)
     kwargs = dict(example_kwargs or {})
     graphdef, state = nnx.split(model)
     found: list = []
 
+    def spec(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype) if hasattr(x, "shape") else x
+
     def forward(state, args):
-        out, tapped = _run(nnx.merge(graphdef, state), paths, args, kwargs)
-        found.extend((order, jax.ShapeDtypeStruct(x.shape, x.dtype)) if hasattr(x, "shape")
-                     else (order, x) for order, x in tapped)
+        out, tapped = _run(nnx.merge(graphdef, state), paths + ([head] if head else []), args,
+                           kwargs)
+        found.extend((order, spec(x), spec(y)) for order, x, y in tapped)
         return _main(out)
 
     jax.eval_shape(forward, state, args)
-    for p, d, (_, x) in zip(paths, designs, found, strict=True):
+    feature_dim = None
+    if head is not None:
+        x = found.pop()[1]
+        if not isinstance(x, jax.ShapeDtypeStruct) or len(x.shape) != 2:
+            raise ValueError(f"classifier {_name(head)!r}: its input is {_describe(x)}; BYOT's "
+                             "feature hints need a feature [B, D]")
+        feature_dim = int(x.shape[-1])
+    for p, d, (_, _, y) in zip(paths, designs, found, strict=True):
         rank = _RANK[type(d)]
-        if not isinstance(x, jax.ShapeDtypeStruct) or len(x.shape) not in (3, 4):
-            raise ValueError(f"tap {_name(p)!r}: its output is {_describe(x)}; a branch needs an "
+        if not isinstance(y, jax.ShapeDtypeStruct) or len(y.shape) not in (3, 4):
+            raise ValueError(f"tap {_name(p)!r}: its output is {_describe(y)}; a branch needs an "
                              "array [B, H, W, C] (conv maps) or [B, T, D] (tokens)")
-        if len(x.shape) != rank:
+        if len(y.shape) != rank:
             kind = "conv maps [B, H, W, C]" if rank == 4 else "tokens [B, T, D]"
-            raise ValueError(f"tap {_name(p)!r}: its output has shape {tuple(x.shape)}; design "
+            raise ValueError(f"tap {_name(p)!r}: its output has shape {tuple(y.shape)}; design "
                              f"{d!r} takes {kind}")
     # deepest first: the tap called last in the forward pass gives head C2
     order = sorted(range(len(paths)), key=lambda i: -found[i][0])
     cfg = layers.LayerConfig(dtype=dtype)
     keys = layers.KeySeq(rngs.params())
-    modules = [_build(designs[i], tuple(found[i][1].shape), num_classes, cfg, keys) for i in order]
+    modules = [_build(designs[i], tuple(found[i][2].shape), num_classes, cfg, keys) for i in order]
+    if feature_dim is not None:  # after every branch: the branches' initialisation stays the same
+        for m in modules:
+            target: Any = m.head if isinstance(m, TransformerBranch) else m
+            target.adapter = layers.Linear(target.fc.in_features, feature_dim, dtype=dtype,
+                                           rngs=keys)
     names = [f"C{k + 2}" for k in range(len(order))]
-    return Attached(model, [paths[i] for i in order], modules, names)
+    return Attached(model, [paths[i] for i in order], modules, names, classifier=head)
+
+
+# ---------------------------------------------------------------------------------------------
+# A model from a factory: what the trainer builds for ``config.model = "module:function"``.
+
+
+def is_factory(name: str) -> bool:
+    """Whether a ``config.model`` value names a factory (``"module:function"``,
+    ``"path/to/file.py:function"``) rather than a registry model."""
+    return ":" in name
+
+
+def load_factory(name: str) -> Callable[..., nnx.Module]:
+    """The function ``name`` points to: ``"package.module:function"`` (imported; the current
+    folder is searched first, as ``python -m`` does) or ``"path/to/file.py:function"``."""
+    where, _, attr = name.rpartition(":")
+    if not where or not attr:
+        raise errors.ConfigError(f"config.model={name!r}: a factory is written "
+                                 "'module:function' or 'path/to/file.py:function'.")
+    if where.endswith(".py"):
+        path = pathlib.Path(where).resolve()
+        if not path.is_file():
+            raise errors.ConfigError(f"config.model={name!r}: {path} is not a file.")
+        key = f"dks_jax_factory_{abs(hash(str(path)))}"  # loaded once: its classes stay the same
+        module = sys.modules.get(key)
+        if module is None:
+            spec = importlib.util.spec_from_file_location(key, path)
+            assert spec is not None and spec.loader is not None
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[key] = module
+            try:
+                spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[key]
+                raise
+    else:
+        if "" not in sys.path and os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
+        try:
+            module = importlib.import_module(where)
+        except ModuleNotFoundError as e:
+            raise errors.ConfigError(
+                f"config.model={name!r}: cannot import {where!r} ({e}). Run from the folder that "
+                f"holds it, add that folder to PYTHONPATH, or write the file's path "
+                f"('path/to/file.py:{attr}').") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise errors.ConfigError(f"config.model={name!r}: {where} has no function {attr!r}.")
+    return fn
+
+
+def parse_taps(text: str) -> dict[str, str]:
+    """``"blocks.3=tokens_cls, blocks.5=transformer_cls"`` -> ``{"blocks.3": "tokens_cls", ...}``
+    (``config.taps``; the designs by name, :data:`DESIGNS`)."""
+    taps: dict[str, str] = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        path, sep, design = (part.strip() for part in item.partition("="))
+        if not sep or not path or design not in DESIGNS:
+            raise errors.ConfigError(
+                f"config.taps={text!r}: each tap is written <path>=<design>, the design one of "
+                f"{', '.join(DESIGNS)}; got {item!r}.")
+        if path in taps:
+            raise errors.ConfigError(f"config.taps={text!r}: {path!r} is given twice.")
+        taps[path] = design
+    return taps
+
+
+def create(name: str, num_classes: int, *, taps: Mapping[Any, Any], rngs: nnx.Rngs,
+           image_size: int, dtype=jnp.float32, classifier: str = "") -> Attached:
+    """The factory ``name``'s model with ``taps`` attached (none: its own head alone).
+
+    The factory is called as ``fn(num_classes, rngs=rngs)`` (and ``dtype=`` if it takes it) and
+    returns an ``nnx.Module`` taking NHWC images ``[B, S, S, 3]`` (``S = image_size``) and returning
+    logits ``[B, K]``. Its state must be ``nnx.Param`` and ``nnx.BatchStat`` only: the trainer keeps
+    those two and passes the random keys per call (``rngs=``), so a stored ``nnx.Rngs`` (e.g.
+    ``nnx.Dropout(rate, rngs=rngs)``) is an error that says so.
+    """
+    fn = load_factory(name)
+    kwargs = {"dtype": dtype} if _accepts(fn, "dtype") else {}
+    model = fn(num_classes, rngs=rngs, **kwargs)
+    if not isinstance(model, nnx.Module):
+        raise errors.ConfigError(f"config.model={name!r} returned a {type(model).__name__}, not "
+                                 "an nnx.Module (a Linen module goes through nnx.bridge.ToNNX: "
+                                 "docs/models.md).")
+    rest: Any = nnx.state(model, nnx.Not(nnx.Any(nnx.Param, nnx.BatchStat)))
+    extra = [".".join(map(str, p)) for p, _ in nnx.to_flat_state(rest)]
+    if extra:
+        raise errors.ConfigError(
+            f"config.model={name!r}: the model holds state other than parameters and BatchNorm "
+            f"statistics, at {', '.join(extra[:6])}. The trainer passes the random keys per call "
+            "(rngs=...): build dropout without stored keys (nnx.Dropout(rate) and call it with "
+            "rngs=), and for nnx.bridge.ToNNX set `to_nnx__rngs = None` after lazy_init.")
+    accepts_train = _accepts(type(model).__call__, "train")
+    example = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    try:
+        return attach(model, taps, num_classes=num_classes, rngs=rngs, example=example,
+                      example_kwargs={"train": False} if accepts_train else None, dtype=dtype,
+                      classifier=classifier or None)
+    except (TypeError, ValueError) as e:
+        raise errors.ConfigError(f"config.model={name!r} with config.taps: {e}") from e
 
 
 def export_state(wrapped: Attached, *filters) -> nnx.State:

@@ -25,7 +25,7 @@ __all__ = ["METHODS", "base", "from_run", "load", "flatten", "override", "parse_
 def base() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Model (dks_jax.models.create).
-    c.model = "cifar_resnet32"
+    c.model = "cifar_resnet32"  # a registry name, or a factory "module:function" (docs/models.md)
     c.aux = "paper"  # paper | none | simple | ap_2fc | ap_conv_2fc | narrow | shallow
     c.branches = ""  # active classifiers by DKS name, e.g. "C1C2C3"; "" = the design's default set
     c.branch_alone = ""  # e.g. "C2": train that branch of `aux` alone as one network (DKS Table 5)
@@ -34,6 +34,11 @@ def base() -> ml_collections.ConfigDict:
     c.zero_init_residual = False
     c.dtype = "float32"  # compute dtype: float32 | bfloat16 (parameters stay float32)
     c.bn_group_size = 0  # BatchNorm statistics over groups of this many examples; 0 = whole batch
+    # A factory model's branches (dks_jax.attach): "<submodule path>=<design>, ...", e.g.
+    # "blocks.2=tokens_cls, blocks.4=transformer_cls"; and, for BYOT's feature hints, the path of
+    # its classifier (whose input is the main feature), e.g. "head".
+    c.taps = ""
+    c.classifier = ""
 
     # Objective (dks_jax.losses.objective).
     c.method = "dks"
@@ -78,7 +83,7 @@ def base() -> ml_collections.ConfigDict:
     c.num_epochs = 200.0
     c.seed = 0
     c.num_seeds = 1  # > 1: seeds seed, seed+1, ... trained at once, the state vmapped (in-memory data)
-    c.optimizer = "sgd"
+    c.optimizer = "sgd"  # sgd (the papers') | adamw
     c.learning_rate = 0.1
     c.momentum = 0.9
     c.nesterov = False

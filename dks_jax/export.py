@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dks_jax import checkpointing, errors, models, paths
+from dks_jax import attach, checkpointing, errors, models, paths
 from dks_jax.data.augment import resize_size
 
 
@@ -60,9 +60,15 @@ def load_exported_model(directory, *, dtype=jnp.float32) -> tuple[nnx.Module, di
             "to the export/ folder of a finished run."
         )
     meta = json.loads(meta_path.read_text())
-    shape = {"aux": meta["aux"], "alone": meta["alone"]} if meta.get("alone") else {"aux": "none"}
-    model = models.create(meta["model"], meta["num_classes"], rngs=nnx.Rngs(0), dtype=dtype,
-                          **shape)
+    if attach.is_factory(meta["model"]):  # the factory's model, without branches
+        model: nnx.Module = attach.create(meta["model"], meta["num_classes"], taps={},
+                                          rngs=nnx.Rngs(0), image_size=meta["image_size"],
+                                          dtype=dtype)
+    else:
+        shape = {"aux": meta["aux"], "alone": meta["alone"]} if meta.get("alone") else {
+            "aux": "none"}
+        model = models.create(meta["model"], meta["num_classes"], rngs=nnx.Rngs(0), dtype=dtype,
+                              **shape)
     graphdef, tstate = nnx.split(model)
     target = jax.tree.map(np.asarray, tstate.to_pure_dict())
     _, pure = checkpointing.load_export(directory, target=target)

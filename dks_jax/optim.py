@@ -15,7 +15,7 @@ import optax
 from dks_jax import errors
 
 SCHEDULES = ("step", "cosine", "constant")
-OPTIMIZERS = ("sgd",)
+OPTIMIZERS = ("sgd", "adamw")
 
 
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
@@ -58,11 +58,13 @@ def total_steps(config, steps_per_epoch: int) -> int:
 
 def create_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransformation,
                                                             optax.Schedule]:
-    """SGD with momentum (optionally Nesterov) and coupled L2 weight decay on every parameter.
+    """``config.optimizer``: "sgd" (the papers') or "adamw" (transformers'), and the schedule.
 
-    Coupled decay adds ``weight_decay * w`` to the gradient before the momentum, as PyTorch's
-    ``SGD(weight_decay=...)`` that the papers used. ``weight_decay_mask="kernels"`` restricts it to
-    convolution and dense kernels (ndim > 1).
+    sgd: momentum (optionally Nesterov) with coupled L2 weight decay: ``weight_decay * w`` is added
+    to the gradient before the momentum, as PyTorch's ``SGD(weight_decay=...)`` that the papers
+    used. adamw: Adam (b1 0.9, b2 0.999; ``momentum`` unused) with decoupled weight decay
+    ``lr * weight_decay * w`` (Loshchilov and Hutter). ``weight_decay_mask="kernels"`` restricts the
+    decay to convolution and dense kernels (ndim > 1).
     """
     if config.optimizer not in OPTIMIZERS:
         raise errors.ConfigError(f"Unknown config.optimizer={config.optimizer!r}; valid: {OPTIMIZERS}.")
@@ -74,6 +76,8 @@ def create_optimizer(config, steps_per_epoch: int) -> tuple[optax.GradientTransf
         raise errors.ConfigError(
             f"Unknown config.weight_decay_mask={config.weight_decay_mask!r}; valid: all, kernels."
         )
+    if config.optimizer == "adamw":
+        return optax.adamw(schedule, weight_decay=config.weight_decay, mask=mask), schedule
     tx = optax.chain(
         optax.add_decayed_weights(config.weight_decay, mask=mask),
         optax.sgd(schedule, momentum=config.momentum or None, nesterov=config.nesterov),

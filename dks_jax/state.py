@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from dks_jax import errors, export, losses, models, optim, paths
+from dks_jax import attach, errors, export, losses, models, optim, paths
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -40,11 +40,18 @@ def create_model(config, num_classes: int, *, aux: str | None = None, seed=None)
         kwargs["zero_init_residual"] = True
     alone = config.branch_alone if aux is None else ""
     aux = config.aux if aux is None else aux
+    rngs = nnx.Rngs(config.seed if seed is None else seed)
+    if attach.is_factory(config.model):  # dks_jax.attach: branches on the factory's model
+        taps = {} if aux == "none" else attach.parse_taps(config.taps)
+        byot = config.method == "byot" and aux != "none"
+        return attach.create(config.model, num_classes, taps=taps, rngs=rngs,
+                             image_size=config.image_size, dtype=DTYPES[config.dtype],
+                             classifier=config.classifier if byot else "")
     return models.create(
         config.model,
         num_classes,
         aux=aux,
-        rngs=nnx.Rngs(config.seed if seed is None else seed),
+        rngs=rngs,
         feature_adapters=config.method == "byot" and aux != "none",
         alone=alone,
         dtype=DTYPES[config.dtype],

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from dks_jax import (
+    attach,
     checkpointing,
     config_base,
     data,
@@ -65,9 +66,12 @@ class TrainingDiverged(errors.UserError, FloatingPointError):
 
 def validate_config(config) -> None:
     """Fails fast, listing the valid values, on an unknown model, method, dtype or schedule."""
-    if config.model not in models.names():
+    if attach.is_factory(config.model):
+        _validate_factory(config)
+    elif config.model not in models.names():
         raise errors.ConfigError(
-            f"Unknown config.model={config.model!r}; valid: {', '.join(models.names())}.")
+            f"Unknown config.model={config.model!r}; valid: {', '.join(models.names())}, or a "
+            "factory 'module:function' (docs/models.md).")
     if config.method not in config_base.METHODS:
         raise errors.ConfigError(
             f"Unknown config.method={config.method!r}; valid: {', '.join(config_base.METHODS)}."
@@ -96,6 +100,29 @@ def validate_config(config) -> None:
         value = config[field]
         if not (math.isfinite(value) and value > 0):
             raise errors.ConfigError(f"config.{field}={value!r} must be a positive number.")
+
+
+def _validate_factory(config) -> None:
+    """A factory model (``config.model = "module:function"``): it imports, its taps parse, and the
+    registry-only fields are unset."""
+    attach.load_factory(config.model)
+    taps = attach.parse_taps(config.taps)
+    registry_only = {"branches": "", "branch_alone": "", "dropout": 0.0,
+                     "zero_init_residual": False, "bn_group_size": 0}
+    set_ = [f"{k}={config[k]!r}" for k, default in registry_only.items() if config[k] != default]
+    if set_:
+        raise errors.ConfigError(
+            f"config.model={config.model!r} is a factory model: {', '.join(set_)} apply to the "
+            "registry's models only (unset them; the factory owns its architecture).")
+    if not taps and config.aux != "none" and config.method not in ("baseline", "kd"):
+        raise errors.ConfigError(
+            f"config.method={config.method!r} trains auxiliary branches: name where they attach "
+            f"to {config.model!r}, e.g. --config.taps='blocks.2=tokens_cls,blocks.4=tokens_cls' "
+            f"(designs: {', '.join(attach.DESIGNS)}).")
+    if config.method == "byot" and config.aux != "none" and not config.classifier:
+        raise errors.ConfigError(
+            "config.method='byot' on a factory model needs config.classifier: the path of its "
+            "classifier submodule (e.g. 'head'), whose input is the feature BYOT's hints match.")
 
 
 def check_workdir_writable(workdir) -> None:

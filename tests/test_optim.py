@@ -57,6 +57,21 @@ def test_weight_decay_is_coupled_and_on_every_parameter():
     np.testing.assert_allclose(updates["b"], 0.0)
 
 
+def test_adamw_decay_is_decoupled():
+    """AdamW: with zero gradients the update is the decoupled decay -lr * wd * w alone."""
+    import jax.numpy as jnp
+
+    c = config_base.base()
+    c.optimizer, c.lr_schedule, c.learning_rate, c.weight_decay = "adamw", "constant", 0.1, 0.5
+    tx, _ = optim.create_optimizer(c, 10)
+    params = {"w": 2 * jnp.ones((2, 2))}
+    updates, _ = tx.update({"w": jnp.zeros((2, 2))}, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.1 * 0.5 * 2 * np.ones((2, 2)), rtol=1e-6)
+    # a gradient's first Adam step has size lr, whatever the gradient's scale
+    updates, _ = tx.update({"w": 1e-3 * jnp.ones((2, 2))}, tx.init(params), params)
+    np.testing.assert_allclose(updates["w"], -0.1 * (1 + 0.5 * 2) * np.ones((2, 2)), rtol=1e-3)
+
+
 def test_unknown_schedule_is_a_clear_error():
     c = config_base.base()
     c.lr_schedule = "linear"
