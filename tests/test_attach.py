@@ -94,12 +94,37 @@ def test_resnet_main_logits_exact_and_paper_param_count():
     assert att.param_count(wrapped) == att.param_count(paper) == main + c2 + c3
 
 
+def _registry_taps(name: str) -> dict:
+    """The registry's aux="paper" branches of ``name`` as attach taps (after the last block of the
+    stage each forks from)."""
+    entry = models.spec(name)
+    return {f"stages.{b.after}.{entry.stages[b.after].blocks - 1}": att.Family(entry.family(), b)
+            for b in entry.aux["paper"]}
+
+
+def test_resnet32_paper_taps_give_the_paper_parameter_count():
+    """ResNet-32 (CIFAR-100) with aux="none" + the paper's taps through attach: the parameter count
+    of the registry's aux="paper" (built abstractly: nothing allocated)."""
+    def attached():
+        plain = models.create("cifar_resnet32", 100, aux="none", rngs=nnx.Rngs(0))
+        return att.attach(plain, _registry_taps("cifar_resnet32"), num_classes=100,
+                          rngs=nnx.Rngs(1), example=RESNET_EXAMPLE)
+
+    wrapped = nnx.eval_shape(attached)
+    paper = nnx.eval_shape(lambda: models.create("cifar_resnet32", 100, aux="paper",
+                                                 rngs=nnx.Rngs(0)))
+    assert wrapped.taps == ("stages.1.4", "stages.0.4")
+    assert att.param_count(wrapped) == att.param_count(paper) == models.complexity(
+        "cifar_resnet32", 100)["total"]["params"]
+
+
 @pytest.mark.slow
-def test_resnet_paper_branches_equal_registry_heads():
+@pytest.mark.parametrize("name", ["cifar_resnet8", "cifar_resnet32"])
+def test_resnet_paper_branches_equal_registry_heads(name):
     """With the registry model's weights loaded, every head equals ``models.create(aux="paper")``'s."""
-    paper = models.create("cifar_resnet8", 10, aux="paper", rngs=nnx.Rngs(0))
-    plain = models.create("cifar_resnet8", 10, aux="none", rngs=nnx.Rngs(3))
-    wrapped = att.attach(plain, _paper_taps(), num_classes=10, rngs=nnx.Rngs(1),
+    paper = models.create(name, 10, aux="paper", rngs=nnx.Rngs(0))
+    plain = models.create(name, 10, aux="none", rngs=nnx.Rngs(3))
+    wrapped = att.attach(plain, _registry_taps(name), num_classes=10, rngs=nnx.Rngs(1),
                          example=RESNET_EXAMPLE)
     nnx.update(wrapped.model, models.export_state(paper))
     nnx.update(wrapped.branches, nnx.state(paper.branches))
