@@ -417,7 +417,8 @@ class EarlyExit:
     fork, and so on; C1 answers the rest. Pieces are compiled per bucket size (module doc), once
     each, on first use. Evaluation mode only (BatchNorm running statistics).
 
-    ``tau`` may also be given per call. ``image_size``: for :attr:`costs` (default: the images').
+    ``tau`` may also be given per call (no recompilation: the decision is taken on the host).
+    ``Exits.macs`` comes from :meth:`costs` at the images' size.
     """
 
     def __init__(self, model: models.Network, *, rule: str = "max_softmax", tau: float = 0.9,
