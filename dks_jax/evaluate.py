@@ -19,9 +19,11 @@ image folder need not exist. Images are normalised with the training data's stat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Sequence
+from typing import Any
 
 from dks_jax import xla_flags
 
@@ -110,13 +112,40 @@ def load_model(workdir, config, num_classes: int, source: str, mesh):
     return graphdef, {"params": state["params"], "batch_stats": state["batch_stats"]}, step
 
 
-def evaluate(workdir, config: ml_collections.ConfigDict | None = None, *, source: str = "latest",
-             batch_size: int = 0, mesh=None) -> dict:
-    """Top-1/top-5 (%) of every head and the ensemble of a run (``evaluator.Evaluator``'s keys:
-    ``eval_top1/C1``, ..., ``eval_count``), plus ``step``, ``source`` and ``dataset``.
+@dataclasses.dataclass
+class LoadedRun:
+    """A run's model and its evaluation data, as :func:`load_run` gives them.
+
+    config: the evaluation config (:func:`eval_config` of the run's, with the overrides given).
+    dataset: the evaluation data (``dataset.eval_iterator(batch_size)``), normalised with the
+      training data's statistics.
+    graphdef, state: the model (``state``: ``params`` and ``batch_stats``, replicated over the
+      mesh); ``nnx.merge(graphdef, state["params"], state["batch_stats"])`` builds it.
+    step: the checkpoint's (or the export's) step; source: ``latest``, ``best`` or ``export``;
+    batch_size: the evaluation batch.
+    """
+
+    config: ml_collections.ConfigDict
+    dataset: data.Dataset
+    graphdef: nnx.GraphDef
+    state: dict
+    step: int | None
+    source: str
+    batch_size: int
+
+    def model(self) -> Any:
+        """The model (a registry ``models.Network``) with the run's parameters and BatchNorm
+        statistics."""
+        return nnx.merge(self.graphdef, self.state["params"], self.state["batch_stats"])
+
+
+def load_run(workdir, config: ml_collections.ConfigDict | None = None, *,
+             source: str = "latest", batch_size: int = 0, mesh=None) -> LoadedRun:
+    """A run's checkpoint (``latest``/``best``) or export and its evaluation data
+    (:class:`LoadedRun`): what :func:`evaluate` and ``dks_jax.tools.anytime`` start from.
 
     ``config``: the run's config (default: its ``config.json``), possibly changed to evaluate on
-    another data set or split.
+    another data set or split. ``mesh``: default all devices.
     """
     if source not in SOURCES:
         raise errors.ConfigError(f"--from={source!r}; valid: {', '.join(SOURCES)}.")
@@ -133,11 +162,24 @@ def evaluate(workdir, config: ml_collections.ConfigDict | None = None, *, source
             "class. Give a data set with the training classes (folder names).")
     num_classes = config.num_classes or dataset.num_classes
     graphdef, state, step = load_model(workdir, config, num_classes, source, mesh)
-    heads = nnx.merge(graphdef, state["params"], state["batch_stats"]).num_heads
-    run = evaluator.Evaluator(graphdef, dataset, batch, grad_consistency=heads > 1)
-    result = run(state)
-    result.update(step=step, source=source, dataset=str(config.dataset),
-                  split=str(config.eval_split))
+    return LoadedRun(config=config, dataset=dataset, graphdef=graphdef, state=state, step=step,
+                     source=source, batch_size=batch)
+
+
+def evaluate(workdir, config: ml_collections.ConfigDict | None = None, *, source: str = "latest",
+             batch_size: int = 0, mesh=None) -> dict:
+    """Top-1/top-5 (%) of every head and the ensemble of a run (``evaluator.Evaluator``'s keys:
+    ``eval_top1/C1``, ..., ``eval_count``), plus ``step``, ``source`` and ``dataset``.
+
+    ``config``: the run's config (default: its ``config.json``), possibly changed to evaluate on
+    another data set or split.
+    """
+    run = load_run(workdir, config, source=source, batch_size=batch_size, mesh=mesh)
+    heads = run.model().num_heads
+    result = evaluator.Evaluator(run.graphdef, run.dataset, run.batch_size,
+                                 grad_consistency=heads > 1)(run.state)
+    result.update(step=run.step, source=source, dataset=str(run.config.dataset),
+                  split=str(run.config.eval_split))
     return result
 
 

@@ -41,6 +41,7 @@ __all__ = [
     "complexity",
     "create",
     "export_state",
+    "head_macs",
     "load_exported",
     "names",
     "spec",
@@ -200,6 +201,37 @@ def _count(state: nnx.State) -> int:
     return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(state))
 
 
+def head_macs(model: Network, image_size: int) -> list[dict]:
+    """Per-image multiply-adds per head, split where the head leaves the main path.
+
+    Returns one dict per head, in heads order (C1, C2, ...): ``{"name", "fork", "head"}`` with
+    ``fork`` the main path's MACs up to the map the head reads (the stem and the blocks up to the
+    branch's fork; for C1 the whole main path up to its last feature map) and ``head`` the MACs of
+    the head itself (a branch's stages and classifier; for C1 the main classifier). C1's
+    ``fork + head`` is :func:`complexity`'s ``main`` count, and a branch's ``head`` its count there.
+
+    ``model``: a :class:`Network`, concrete or abstract (``nnx.eval_shape``); ``image_size``: the
+    square input size. Counted like :func:`complexity` (``layers.count_macs`` under
+    ``jax.eval_shape``): nothing is computed.
+    """
+    graphdef, state = nnx.split(model)
+
+    def count(fn, x):
+        with layers.count_macs() as macs:
+            out = jax.eval_shape(lambda state, x: fn(nnx.merge(graphdef, state), x), state, x)
+        return sum(macs.values()), out
+
+    images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
+    fork, last = count(lambda m, x: m.run_main(x, None, None, train=False), images)
+    result = [{"name": model.head_names[0], "fork": fork,
+               "head": count(lambda m, x: m.classify(x, train=False), last)[0]}]
+    for i, tap in enumerate(model.taps):
+        fork, tapped = count(lambda m, x, tap=tap: m.run_main(x, None, tap, train=False), images)
+        head = count(lambda m, x, i=i: m.branches[i](x, train=False), tapped)[0]
+        result.append({"name": model.head_names[i + 1], "fork": fork, "head": head})
+    return result
+
+
 def complexity(
     name: str,
     num_classes: int,
@@ -214,8 +246,9 @@ def complexity(
     Nothing is materialised or compiled: the model is built with ``nnx.eval_shape`` and the forward
     traced with ``jax.eval_shape``. MACs are counted analytically from the traced shapes of every
     convolution and fully connected layer (see ``layers``); parameters exclude BatchNorm statistics.
-    Returns ``{"main": {"params", "macs"}, "branches": [{"name", "params", "macs"}, ...],
-    "total": {"params", "macs"}}`` with branches in heads order (deepest first).
+    Returns ``{"main": {"params", "macs"}, "branches": [{"name", "params", "macs", "fork_macs"},
+    ...], "total": {"params", "macs"}}`` with branches in heads order (deepest first);
+    ``fork_macs``: the main path's MACs up to where that branch forks (:func:`head_macs`).
     """
     image_size = image_size or spec(name).image_size
     model = nnx.eval_shape(
@@ -233,6 +266,7 @@ def complexity(
     x = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
     with layers.count_macs() as macs:
         jax.eval_shape(forward, state, x)
+    forks = head_macs(model, image_size)
     result: dict[str, Any] = {
         "main": {"params": _count(main_params), "macs": macs.get("main", 0)},
         "branches": [
@@ -240,6 +274,7 @@ def complexity(
                 "name": model.head_names[i + 1],
                 "params": _count(branch_params[BRANCHES][i]),
                 "macs": macs.get(f"branches/{i}", 0),
+                "fork_macs": forks[i + 1]["fork"],
             }
             for i in range(len(model.branches))
         ],

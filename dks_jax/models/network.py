@@ -144,6 +144,41 @@ class Network(nnx.Module):
             x = keep((s, len(stage)), x)
         return x, tapped
 
+    def run_main(
+        self,
+        x: jax.Array,
+        start: tuple[int, int] | None = None,
+        stop: tuple[int, int] | None = None,
+        *,
+        train: bool = False,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """A piece of the main path: from position ``start`` to position ``stop``.
+
+        Positions are ``(stage, blocks done)``, as :attr:`taps`. ``start=None``: ``x`` is the
+        NHWC images ``float[B, H, W, 3]`` (any float dtype) and the stem runs first; otherwise
+        ``x`` is the map at ``start``. ``stop=None``: up to the last feature map (what
+        :meth:`classify` takes). The blocks run are those at positions ``p`` with
+        ``start < p <= stop``; ``start == stop`` returns ``x``. Chained pieces compute exactly
+        what :meth:`features` does (the early-exit predictor of ``dks_jax.anytime`` runs them).
+        """
+        if start is None:
+            x = self.stem(jnp.asarray(x).astype(self.dtype), train=train, rngs=rngs)
+        for s, stage in enumerate(self.stages):
+            for b, block in enumerate(stage):
+                pos = (s, b + 1)
+                if (start is None or pos > start) and (stop is None or pos <= stop):
+                    x = block(x, train=train, rngs=rngs)
+        return x
+
+    def classify(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        """The main classifier on the main path's last feature map ``[B, H', W', C]``: the
+        family's final norm (if any), global average pooling and the fully connected layer ->
+        float32 logits ``[B, K]`` (head C1 of :meth:`__call__`)."""
+        if self.head_norm is not None:
+            x = self.head_norm(x, train=train)
+        return self.fc(layers.global_avg_pool(x)).astype(jnp.float32)
+
     def __call__(
         self,
         x: jax.Array,
