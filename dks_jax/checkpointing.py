@@ -76,6 +76,8 @@ class Checkpoints:
         # before restoring it.
         self._manager = ocp.CheckpointManager(self.directory, options=options,
                                               item_handlers=ocp.StandardCheckpointHandler())
+        # Runs of older versions kept their best checkpoint apart, in best/<step>/: read only.
+        self._older_best = workdir / "best"
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -103,7 +105,29 @@ class Checkpoints:
             metrics = self._manager.metrics(step)
             if metrics and np.isfinite(metrics.get("top1", np.nan)):
                 scored[step] = metrics["top1"]
-        return max(scored, key=lambda s: (scored[s], s)) if scored else None
+        if scored:
+            return max(scored, key=lambda s: (scored[s], s))
+        older = self._older_best_steps()
+        return older[-1] if older else None
+
+    def _older_best_steps(self) -> list[int]:
+        if not self._older_best.is_dir():
+            return []
+        return sorted(int(p.name) for p in self._older_best.iterdir() if p.name.isdigit())
+
+    def _restore_older_best(self, step: int, target):
+        manager = ocp.CheckpointManager(self._older_best,
+                                        item_handlers=ocp.StandardCheckpointHandler())
+        try:
+            saved = manager.item_metadata(step)
+            differences = tree_differences(getattr(saved, "tree", saved), target)
+            if differences:
+                raise CheckpointError(
+                    f"The checkpoint at {self._older_best / str(step)} does not match this run's "
+                    f"model and optimizer state ({'; '.join(differences[:5])}).")
+            return manager.restore(step, args=ocp.args.StandardRestore(target))
+        finally:
+            manager.close()
 
     def reached_preemption(self, step: int) -> bool:
         """True on every process once the runtime has seen a preemption notice (multi-process)."""
@@ -119,6 +143,8 @@ class Checkpoints:
         partial) is renamed ``corrupt-<step>`` so nothing is lost, and the previous one is tried;
         the log says so. Raises CheckpointError when every checkpoint fails.
         """
+        if step is not None and step not in self.all_steps() and step in self._older_best_steps():
+            return step, self._restore_older_best(step, target)
         steps = self.all_steps() if step is None else [step]
         errors = []
         for step in reversed(steps):

@@ -40,6 +40,28 @@ def test_latest_and_best_from_one_manager_and_written_once(tmp_path, caplog):
     ckpts.close()
 
 
+def test_older_runs_best_folder_is_read(tmp_path):
+    """A run of an older version kept its best checkpoint in best/<step>/ (its own manager, no
+    metrics in checkpoints/): best_step finds it and restore reads it, even when the step is no
+    longer among the latest."""
+    import orbax.checkpoint as ocp
+
+    older = ocp.CheckpointManager(tmp_path / "best", item_handlers=ocp.StandardCheckpointHandler())
+    best = {"step": jnp.full((), 4, jnp.int32), "params": {"w": 5 * jnp.ones((3, 2))}}
+    older.save(4, args=ocp.args.StandardSave(best))
+    older.wait_until_finished()
+    older.close()
+    ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
+    ckpts.save(9, _state())
+    assert ckpts.best_step() == 4
+    step, restored = ckpts.restore(checkpointing.abstract(_state()), step=4)
+    assert step == 4 and np.array_equal(restored["params"]["w"], 5 * np.ones((3, 2)))
+    with pytest.raises(checkpointing.CheckpointError, match="does not match"):
+        ckpts.restore(checkpointing.abstract(_state(width=4)), step=4)
+    assert ckpts.restore(checkpointing.abstract(_state()))[0] == 9  # the latest is unchanged
+    ckpts.close()
+
+
 def test_a_different_model_is_named_by_its_tree(tmp_path):
     ckpts = checkpointing.Checkpoints(tmp_path, async_save=False)
     ckpts.save(1, _state())
