@@ -2,7 +2,11 @@
 
 import json
 import math
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -173,9 +177,16 @@ def test_torch_command_and_a_failed_reference_is_recorded():
     assert flags["--aux"] == "paper" and flags["--method"] == "dks"
     assert flags["--num_classes"] == "1000" and flags["--json_out"] == "/tmp/x.json"
     with pytest.raises(ValueError, match="PyTorch reference has models"):
-        benchmark.torch_command(benchmark.Options(model="cifar_resnet32"), "x")
+        benchmark.torch_command(benchmark.Options(model="wrn16_8"), "x")
+    with pytest.raises(ValueError, match="PyTorch reference has aux"):
+        benchmark.torch_command(benchmark.Options(model="cifar_resnet110", aux="narrow"), "x")
     with pytest.raises(ValueError, match="PyTorch reference has methods"):
         benchmark.torch_command(benchmark.Options(method="dhm"), "x")
+    cifar = benchmark.torch_command(benchmark.Options(model="cifar_resnet32", aux="narrow"), "x",
+                                    python="py")
+    flags = dict(zip(cifar[2::2], cifar[3::2], strict=True))
+    assert (flags["--model"], flags["--aux"], flags["--method"]) == ("cifar_resnet32", "narrow", "dks")
+    assert (flags["--image_size"], flags["--num_classes"]) == ("32", "10")
 
     failed = benchmark.measure_torch(o, python="/bin/false")
     assert failed["error"].startswith("exit 1")
@@ -184,6 +195,8 @@ def test_torch_command_and_a_failed_reference_is_recorded():
 
 
 # ---- the PyTorch reference (skipped without torch) ---------------------------------------------
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -194,12 +207,63 @@ def torch_reference():
     return torch_reference
 
 
+@pytest.fixture(scope="module")
+def torch_python():
+    """A Python with torch for the reference's subprocess: $DKS_TORCH_PYTHON, this one, or the
+    checkout's .venv-torch (``make torch-env``); skips when none has torch."""
+    candidates = [os.environ.get("DKS_TORCH_PYTHON", ""), sys.executable,
+                  str(REPO / ".venv-torch" / "bin" / "python")]
+    for python in filter(None, candidates):
+        try:
+            ok = subprocess.run([python, "-c", "import torch"], capture_output=True,
+                                timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+        if ok:
+            return python
+    pytest.skip("no Python with torch (make torch-env, or set DKS_TORCH_PYTHON)")
+
+
+def _script_counts(python, model, aux, num_classes):
+    out = subprocess.run(
+        [python, str(benchmark.TORCH_SCRIPT), "--model", model, "--aux", aux,
+         "--num_classes", str(num_classes), "--params_only"],
+        capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+@pytest.mark.parametrize("aux", ["none", "paper"])
+def test_cifar_resnet32_reference_has_dks_jax_parameter_counts(torch_python, aux, num_classes):
+    """The script's own count (its JSON, read from a subprocess) equals dks_jax's, branch by branch."""
+    got = _script_counts(torch_python, "cifar_resnet32", aux, num_classes)
+    want = models.complexity("cifar_resnet32", num_classes, aux=aux)
+    assert got["num_params"] == want["total"]["params"]
+    assert got["num_params_main"] == want["main"]["params"]
+    assert got["num_params_branches"] == [b["params"] for b in want["branches"]]
+    assert (got["model"], got["aux"], got["num_classes"]) == ("cifar_resnet32", aux, num_classes)
+    if (aux, num_classes) == ("paper", 10):
+        assert got["num_params"] == 2_124_334  # the figure in torch_reference's docstring
+
+
 def test_torch_models_match_dks_jax_parameter_counts(torch_reference):
-    assert set(torch_reference.RESNETS) == set(benchmark.TORCH_MODELS)
+    assert torch_reference.MODELS == benchmark.TORCH_MODELS
     for aux in ("none", "paper"):
         model = torch_reference.ResNet("resnet18", 10, aux)
         n = sum(p.numel() for p in model.parameters())
         assert n == models.complexity("resnet18", 10, image_size=224, aux=aux)["total"]["params"]
+    for name, designs in torch_reference.MODELS.items():
+        if not name.startswith("cifar_"):
+            continue
+        assert designs == models.aux_designs(name)[:1] + tuple(
+            d for d in models.aux_designs(name) if d in ("paper", "narrow"))
+        for aux in designs:
+            for num_classes in (10, 100):
+                model, impl = torch_reference.create_model(name, num_classes, aux)
+                counts = torch_reference.parameter_counts(model)
+                want = models.complexity(name, num_classes, aux=aux)
+                assert impl == "own" and counts["num_params"] == want["total"]["params"], (name, aux)
+                assert counts["num_params_branches"] == [b["params"] for b in want["branches"]]
 
 
 @pytest.mark.parametrize("method", ["baseline", "ds", "dks"])

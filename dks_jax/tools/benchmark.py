@@ -72,7 +72,14 @@ TORCH_SCRIPT = pathlib.Path(__file__).resolve().parent / "torch_reference.py"
 # A nominal epoch length for the learning-rate schedule (the schedule's values do not change speed).
 STEPS_PER_EPOCH = 1000
 TORCH_METHODS = ("baseline", "ds", "dks")  # what torch_reference.py implements
-TORCH_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# torch_reference.MODELS: model -> the aux designs the reference builds (a test checks they agree).
+TORCH_MODELS = {
+    **{name: ("none", "paper")
+       for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
+    **{name: ("none", "paper", "narrow")
+       for name in ("cifar_resnet8", "cifar_resnet14", "cifar_resnet20", "cifar_resnet32")},
+    "cifar_resnet110": ("none", "paper"),
+}
 
 # Keys every record has, plus ``torch_images_per_sec`` when a comparison ran.
 REQUIRED_KEYS = (
@@ -361,9 +368,10 @@ def torch_command(options: Options, json_out: str, *, python: str | None = None,
     """The command line of the PyTorch reference (``torch_reference.py``) for the same measurement."""
     o = options.resolved()
     if o.model not in TORCH_MODELS:
-        raise ValueError(f"the PyTorch reference has models {TORCH_MODELS}, not {o.model!r}")
-    if o.aux not in ("none", "paper"):
-        raise ValueError(f"the PyTorch reference has aux 'none' and 'paper', not {o.aux!r}")
+        raise ValueError(f"the PyTorch reference has models {tuple(TORCH_MODELS)}, not {o.model!r}")
+    if o.aux not in TORCH_MODELS[o.model]:
+        raise ValueError(f"the PyTorch reference has aux {TORCH_MODELS[o.model]} for {o.model}, "
+                         f"not {o.aux!r}")
     if o.method not in TORCH_METHODS:
         raise ValueError(f"the PyTorch reference has methods {TORCH_METHODS}, not {o.method!r}")
     if o.branches:
