@@ -6,7 +6,7 @@
 
 A standalone script (PyTorch and the standard library only, hence argparse, not absl): it runs in a
 PyTorch environment that need not have dks_jax's dependencies (``make torch-env``).
-``benchmark.py --compare_torch`` runs it in a subprocess.
+``benchmark.py --compare_torch`` runs it in a subprocess, as a server (``--serve``, below).
 
 Models (:data:`MODELS`: name -> the ``--aux`` values it has):
 
@@ -48,6 +48,13 @@ Timing as the JAX side: synthetic normal images and uniform labels already on th
 over ``--num_batches`` batches), ``--warmup`` untimed steps (the first one compiles: ``compile_s`` is
 its wall time), then ``--steps`` steps each timed from launch to ``torch.cuda.synchronize()``;
 the median is reported. Runs on CPU at tiny sizes (no compile, float32) for tests.
+
+``--serve``: build and warm up as above, then answer commands on stdin, one per line, with one JSON
+line each on stdout (anything else the process prints goes to stderr):
+``{"event": "ready", ...}`` once warmed up; ``run N`` -> ``{"event": "times", "times": [N step
+seconds]}``; ``done`` (or end of input) -> ``{"event": "result", ...}``, the result over every
+``run`` (each one a round: ``step_ms`` the median over all their steps, ``step_ms_rounds`` the
+median of each), then the process exits.
 """
 
 from __future__ import annotations
@@ -486,6 +493,35 @@ def benchmark(args) -> dict:
     return bench.result()
 
 
+def serve(args, commands=sys.stdin, out=None) -> dict:
+    """The ``--serve`` loop (module docstring): JSON lines to ``out`` (default: the real stdout,
+    with Python's and the C libraries' own stdout sent to stderr, so nothing else lands there)."""
+    if out is None:
+        out = os.fdopen(os.dup(sys.stdout.fileno()), "w")
+        sys.stdout.flush()
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    def send(event: str, **fields) -> None:
+        out.write(json.dumps({"event": event, **fields}) + "\n")
+        out.flush()
+
+    bench = Bench(args)
+    send("ready", **bench.info())
+    for line in commands:
+        words = line.split()
+        if not words:
+            continue
+        if words[0] == "run" and len(words) == 2 and words[1].isdigit() and int(words[1]) > 0:
+            send("times", times=bench.timed(int(words[1])))
+        elif words[0] == "done":
+            break
+        else:
+            send("error", message=f"unknown command {line.strip()!r}: run N | done")
+    result = bench.result() if bench.rounds else bench.info()
+    send("result", **result)
+    return result
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="resnet18", choices=sorted(MODELS))
@@ -509,6 +545,8 @@ def parse_args(argv=None):
     p.add_argument("--channels_last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--impl", default="auto", choices=["auto", "torchvision", "own"])
     p.add_argument("--json_out", default="", help="write the result here as JSON")
+    p.add_argument("--serve", action="store_true",
+                   help="answer 'run N' / 'done' on stdin with JSON lines (module docstring)")
     p.add_argument("--params_only", action="store_true",
                    help="build the model and report its parameter counts only (no timing)")
     args = p.parse_args(argv)
@@ -526,6 +564,8 @@ def main(argv=None) -> dict:
         model, impl = create_model(a.model, a.num_classes, a.aux, a.impl)
         result = {"model": a.model, "aux": a.aux, "num_classes": a.num_classes, "impl": impl,
                   "torch_version": torch.__version__, **parameter_counts(model)}
+    elif args.serve:
+        result = serve(args)
     else:
         result = benchmark(args)
     result["python_version"] = platform.python_version()
