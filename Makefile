@@ -9,7 +9,7 @@ PYTHON ?= python3
 DATA_DIR ?= $(firstword $(wildcard ../shared/data))
 DEMO_DIR ?= workdirs/quickstart
 
-.PHONY: venv test test-all demo study lint clean python-version
+.PHONY: venv torch-env test test-all demo study lint clean clean-torch python-version
 
 python-version:
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] >= (3, 11) else 1)' 2>/dev/null || { \
@@ -23,6 +23,33 @@ $(STAMP): setup.py pyproject.toml constraints.txt | python-version
 	touch $(STAMP)
 
 venv: $(STAMP)
+
+# A separate PyTorch (CPU) environment for the speed comparison, with torch and numpy only:
+#   make torch-env
+#   .venv/bin/python -m dks_jax.tools.benchmark ... --compare_torch --torch_python=.venv-torch/bin/python
+# TORCH_SPEC is what pip installs (numpy at the version of constraints.txt beside it). It is looked
+# for first where pip is configured to look (its index, find-links such as a folder of local
+# wheels: PIP_FIND_LINKS or pip.conf), then on the PyTorch CPU index TORCH_INDEX_URL (the public
+# way, as `pip install torch --index-url https://download.pytorch.org/whl/cpu`), added to pip's
+# index. Another build: `make torch-env TORCH_SPEC=torch==2.14.1+cpu`; `make clean-torch` first.
+TORCH_VENV      ?= .venv-torch
+TORCH_SPEC      ?= torch==2.13.0+cpu
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
+TORCH_STAMP     := $(TORCH_VENV)/.installed
+
+$(TORCH_STAMP): | python-version
+	test -x $(TORCH_VENV)/bin/python || $(PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/python -m pip install --quiet --upgrade pip
+	NUMPY=$$(grep -i '^numpy==' constraints.txt); \
+	$(TORCH_VENV)/bin/python -m pip install --quiet '$(TORCH_SPEC)' "$$NUMPY" 2>/dev/null || { \
+	  echo "$(TORCH_SPEC) is not where pip looks by default: trying $(TORCH_INDEX_URL) too"; \
+	  $(TORCH_VENV)/bin/python -m pip install --quiet --extra-index-url '$(TORCH_INDEX_URL)' \
+	    '$(TORCH_SPEC)' "$$NUMPY"; }
+	$(TORCH_VENV)/bin/python -c 'import numpy, torch; print("torch", torch.__version__, \
+	  "numpy", numpy.__version__, "threads", torch.get_num_threads())'
+	touch $(TORCH_STAMP)
+
+torch-env: $(TORCH_STAMP)
 
 # ruff, then the type checker (mypy on dks_jax/, settings in pyproject.toml).
 lint: $(STAMP)
@@ -45,5 +72,8 @@ demo: $(STAMP)
 study: $(STAMP)
 	DATA_DIR=$(DATA_DIR) results/cpu_study/run.sh
 
-clean:
+clean-torch:
+	rm -rf $(TORCH_VENV)
+
+clean: clean-torch
 	rm -rf $(VENV) workdirs

@@ -2,7 +2,11 @@
 
 import json
 import math
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -172,18 +176,106 @@ def test_torch_command_and_a_failed_reference_is_recorded():
     flags = dict(zip(cmd[2::2], cmd[3::2], strict=True))
     assert flags["--aux"] == "paper" and flags["--method"] == "dks"
     assert flags["--num_classes"] == "1000" and flags["--json_out"] == "/tmp/x.json"
+    assert "--serve" not in cmd
     with pytest.raises(ValueError, match="PyTorch reference has models"):
-        benchmark.torch_command(benchmark.Options(model="cifar_resnet32"), "x")
+        benchmark.torch_command(benchmark.Options(model="wrn16_8"), "x")
+    with pytest.raises(ValueError, match="PyTorch reference has aux"):
+        benchmark.torch_command(benchmark.Options(model="cifar_resnet110", aux="narrow"), "x")
     with pytest.raises(ValueError, match="PyTorch reference has methods"):
         benchmark.torch_command(benchmark.Options(method="dhm"), "x")
+    cifar = benchmark.torch_command(benchmark.Options(model="cifar_resnet32", aux="narrow"), "",
+                                    python="py", serve=True)
+    assert cifar[-1] == "--serve" and "--json_out" not in cifar
+    flags = dict(zip(cifar[2:-1:2], cifar[3:-1:2], strict=True))
+    assert (flags["--model"], flags["--aux"], flags["--method"]) == ("cifar_resnet32", "narrow", "dks")
+    assert (flags["--image_size"], flags["--num_classes"]) == ("32", "10")
 
     failed = benchmark.measure_torch(o, python="/bin/false")
     assert failed["error"].startswith("exit 1")
     record = benchmark.make_record({"images_per_sec": 10.0}, "cmd", failed)
     assert record["torch_images_per_sec"] is None and "exit 1" in record["torch_error"]
+    with pytest.raises(benchmark.TorchError, match="exit 1"):
+        benchmark.TorchServer(o, python="/bin/false", timeout=60)
+
+
+class _FakeSide:
+    def __init__(self, name, log, step_s, fail_at=None):
+        self.name, self.log, self.step_s, self.fail_at = name, log, step_s, fail_at
+
+    def timed(self, n):
+        self.log.append(self.name)
+        if self.fail_at is not None and self.log.count(self.name) == self.fail_at:
+            raise benchmark.TorchError("gone")
+        return [self.step_s] * n
+
+
+_FAKE_SERVER = """
+import json, sys
+print("a line that is not JSON")
+print(json.dumps({"event": "ready", "compile_s": 0.5}), flush=True)
+rounds = []
+for line in sys.stdin:
+    if line.startswith("run "):
+        rounds.append([0.25] * int(line.split()[1]))
+        print(json.dumps({"event": "times", "times": rounds[-1]}), flush=True)
+    elif line.strip() == "sleep":
+        pass
+    else:
+        break
+print(json.dumps({"event": "result", "rounds": len(rounds), "images_per_sec": 16.0}), flush=True)
+"""
+
+
+def _fake_python(tmp_path, body):
+    """An executable that runs ``body`` with this Python, ignoring the reference's arguments."""
+    (tmp_path / "fake.py").write_text(body)
+    exe = tmp_path / "python"
+    exe.write_text(f"#!/bin/sh\nexec {sys.executable} {tmp_path / 'fake.py'}\n")
+    exe.chmod(0o755)
+    return str(exe)
+
+
+def test_torch_server_protocol_and_its_failures(tmp_path):
+    o = benchmark.Options(model="resnet18", method="dks", batch_size=4, image_size=32, steps=2)
+    server = benchmark.TorchServer(o, python=_fake_python(tmp_path, _FAKE_SERVER), timeout=60)
+    assert server.info == {"compile_s": 0.5}
+    log = []
+    jax_r, torch_r, error = benchmark.interleave(_FakeSide("jax", log, 0.1), server, 2, 3)
+    assert error is None and torch_r == [[0.25] * 3] * 2 and len(jax_r) == 2
+    assert server.finish() == {"rounds": 2, "images_per_sec": 16.0}
+    assert server.proc.returncode == 0
+
+    server = benchmark.TorchServer(o, python=_fake_python(tmp_path, _FAKE_SERVER), timeout=2)
+    server._send("sleep")
+    with pytest.raises(benchmark.TorchError, match="no 'times' answer after 2 s"):
+        server._answer("times")
+    assert server.proc.returncode is not None  # killed
+    crash = "import sys\nprint('boom', file=sys.stderr)\nsys.exit(3)\n"
+    with pytest.raises(benchmark.TorchError, match="exit 3: boom"):
+        benchmark.TorchServer(o, python=_fake_python(tmp_path, crash), timeout=60)
+
+
+def test_interleave_alternates_pytorch_then_jax_every_round():
+    log = []
+    jax_r, torch_r, error = benchmark.interleave(
+        _FakeSide("jax", log, 0.1), _FakeSide("torch", log, 0.2), rounds=3, steps=4)
+    assert log == ["torch", "jax"] * 3 and error is None
+    assert jax_r == [[0.1] * 4] * 3 and torch_r == [[0.2] * 4] * 3
+    # A PyTorch failure ends its side; JAX's rounds go on.
+    log = []
+    jax_r, torch_r, error = benchmark.interleave(
+        _FakeSide("jax", log, 0.1), _FakeSide("torch", log, 0.2, fail_at=2), rounds=3, steps=1)
+    assert log == ["torch", "jax", "torch", "jax", "jax"] and len(jax_r) == 3 and len(torch_r) == 1
+    assert error == "round 2: gone"
+    jax_r, torch_r, error = benchmark.interleave(_FakeSide("jax", [], 0.1), None, rounds=2, steps=1)
+    assert len(jax_r) == 2 and torch_r == [] and error is None
+    with pytest.raises(ValueError, match="at least 1"):
+        benchmark.interleave(_FakeSide("jax", [], 0.1), None, rounds=0, steps=1)
 
 
 # ---- the PyTorch reference (skipped without torch) ---------------------------------------------
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -194,12 +286,63 @@ def torch_reference():
     return torch_reference
 
 
+@pytest.fixture(scope="module")
+def torch_python():
+    """A Python with torch for the reference's subprocess: $DKS_TORCH_PYTHON, this one, or the
+    checkout's .venv-torch (``make torch-env``); skips when none has torch."""
+    candidates = [os.environ.get("DKS_TORCH_PYTHON", ""), sys.executable,
+                  str(REPO / ".venv-torch" / "bin" / "python")]
+    for python in filter(None, candidates):
+        try:
+            ok = subprocess.run([python, "-c", "import torch"], capture_output=True,
+                                timeout=120).returncode == 0
+        except (OSError, subprocess.SubprocessError):
+            ok = False
+        if ok:
+            return python
+    pytest.skip("no Python with torch (make torch-env, or set DKS_TORCH_PYTHON)")
+
+
+def _script_counts(python, model, aux, num_classes):
+    out = subprocess.run(
+        [python, str(benchmark.TORCH_SCRIPT), "--model", model, "--aux", aux,
+         "--num_classes", str(num_classes), "--params_only"],
+        capture_output=True, text=True, timeout=300, check=True)
+    return json.loads(out.stdout)
+
+
+@pytest.mark.parametrize("num_classes", [10, 100])
+@pytest.mark.parametrize("aux", ["none", "paper"])
+def test_cifar_resnet32_reference_has_dks_jax_parameter_counts(torch_python, aux, num_classes):
+    """The script's own count (its JSON, read from a subprocess) equals dks_jax's, branch by branch."""
+    got = _script_counts(torch_python, "cifar_resnet32", aux, num_classes)
+    want = models.complexity("cifar_resnet32", num_classes, aux=aux)
+    assert got["num_params"] == want["total"]["params"]
+    assert got["num_params_main"] == want["main"]["params"]
+    assert got["num_params_branches"] == [b["params"] for b in want["branches"]]
+    assert (got["model"], got["aux"], got["num_classes"]) == ("cifar_resnet32", aux, num_classes)
+    if (aux, num_classes) == ("paper", 10):
+        assert got["num_params"] == 2_124_334  # the figure in torch_reference's docstring
+
+
 def test_torch_models_match_dks_jax_parameter_counts(torch_reference):
-    assert set(torch_reference.RESNETS) == set(benchmark.TORCH_MODELS)
+    assert torch_reference.MODELS == benchmark.TORCH_MODELS
     for aux in ("none", "paper"):
         model = torch_reference.ResNet("resnet18", 10, aux)
         n = sum(p.numel() for p in model.parameters())
         assert n == models.complexity("resnet18", 10, image_size=224, aux=aux)["total"]["params"]
+    for name, designs in torch_reference.MODELS.items():
+        if not name.startswith("cifar_"):
+            continue
+        assert designs == models.aux_designs(name)[:1] + tuple(
+            d for d in models.aux_designs(name) if d in ("paper", "narrow"))
+        for aux in designs:
+            for num_classes in (10, 100):
+                model, impl = torch_reference.create_model(name, num_classes, aux)
+                counts = torch_reference.parameter_counts(model)
+                want = models.complexity(name, num_classes, aux=aux)
+                assert impl == "own" and counts["num_params"] == want["total"]["params"], (name, aux)
+                assert counts["num_params_branches"] == [b["params"] for b in want["branches"]]
 
 
 @pytest.mark.parametrize("method", ["baseline", "ds", "dks"])
@@ -239,6 +382,32 @@ def test_torch_reference_runs_through_the_comparison_path(torch_reference):
     assert record["torch_images_per_sec"] == result["images_per_sec"]
     assert record["torch_version"] == result["torch_version"] and record["torch_device"] == "cpu"
     assert record["jax_over_torch"] == pytest.approx(3.0 / result["images_per_sec"])
+
+
+def test_interleaved_comparison_end_to_end(torch_python):
+    """--compare_torch through the persistent reference: rounds alternate, each side's medians,
+    the reference's thread count, and its parameter count equal to the JAX state's."""
+    o = benchmark.Options(model="cifar_resnet8", aux="narrow", method="ds", batch_size=4,
+                          dtype="float32", steps=2, warmup=1, num_devices=1)
+    record = benchmark.run(o, command="cmd", output="", compare_torch=True,
+                           torch_python=torch_python, torch_timeout=300, rounds=2)
+    assert "torch_error" not in record, record.get("torch_error")
+    assert record["comparison"] == "interleaved"
+    assert record["rounds"] == record["torch_rounds"] == 2 and record["torch_steps"] == 2
+    assert len(record["step_ms_rounds"]) == len(record["torch_step_ms_rounds"]) == 2
+    assert min(record["step_ms_rounds"]) <= record["step_ms"] <= max(record["step_ms_rounds"])
+    assert (min(record["torch_step_ms_rounds"]) <= record["torch_step_ms"]
+            <= max(record["torch_step_ms_rounds"]))
+    assert record["torch_images_per_sec"] == pytest.approx(4 / (record["torch_step_ms"] / 1e3))
+    assert record["jax_over_torch"] == pytest.approx(
+        record["images_per_sec"] / record["torch_images_per_sec"])
+    assert record["torch_num_threads"] == len(os.sched_getaffinity(0))
+    assert record["torch_num_params"] == record["num_params"] == models.complexity(
+        "cifar_resnet8", 10, aux="narrow")["total"]["params"]
+    assert (record["torch_image_size"], record["torch_num_classes"]) == (32, 10)
+    assert math.isfinite(record["torch_loss_last"]) and math.isfinite(record["loss_last"])
+    text = benchmark.summary(record)
+    assert "2 rounds x 2 steps" in text and "round medians JAX" in text
 
 
 def test_compare_dry_run_lists_the_cases(capsys):

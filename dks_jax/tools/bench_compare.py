@@ -6,10 +6,11 @@
     python -m dks_jax.tools.bench_compare -- --num_devices=1  # more benchmark flags after --
 
 Each case is one ``python -m dks_jax.tools.benchmark ... --compare_torch`` in a subprocess of its own (a
-fresh process per case: the PyTorch reference runs first, then JAX, so neither holds the GPU's memory
-while the other runs). Every case writes one JSON record to ``--output``; at the end the records of
-this invocation are printed as the README table (``bench_table.py``). A case that fails is reported
-and the others still run; the exit status is 1 if any failed.
+fresh process per case, so that no case holds the GPU's memory while the next runs; within it the
+PyTorch reference warms up first, then JAX, and their timed rounds alternate). Every case writes one
+JSON record to ``--output``; at the end the records of this invocation are printed as the README
+table (``bench_table.py``). A case that fails is reported and the others still run; the exit status
+is 1 if any failed.
 """
 
 from __future__ import annotations

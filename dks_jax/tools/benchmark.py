@@ -22,9 +22,17 @@ mesh's ``'data'`` axis), then:
 
 One JSON record per measurement is written to ``--output`` (a folder, default
 ``results/benchmarks/``, or a ``.json`` path), with the keys of :data:`REQUIRED_KEYS` and more.
-``--compare_torch`` first runs the PyTorch reference (``torch_reference.py`` beside this file) in a
-subprocess on the same device with the same sizes, *before* JAX touches the device (JAX pre-allocates
-most of a GPU's memory), and adds ``torch_images_per_sec`` and the ratio to the record.
+``--compare_torch`` also times the PyTorch reference (``torch_reference.py`` beside this file, run by
+``--torch_python``, e.g. ``.venv-torch/bin/python`` of ``make torch-env``) on the same device with
+the same sizes, interleaved with JAX (:func:`measure_interleaved`): the reference starts as one
+persistent subprocess and builds and warms up *before* JAX touches the device (JAX pre-allocates
+most of a GPU's memory); then JAX compiles and warms up once; then ``--rounds`` rounds (default 3)
+alternate, each ``steps`` timed PyTorch steps followed by ``steps`` timed JAX steps, so that a
+change in the machine's load or clock during the measurement reaches both sides alike. Each side
+reports the median step time over all its rounds' steps (``step_ms``, ``torch_step_ms``) and the
+median of every round (``step_ms_rounds``, ``torch_step_ms_rounds``); the record adds the PyTorch
+result's fields prefixed ``torch_`` (``torch_num_threads``: its ``torch.get_num_threads()``) and
+``jax_over_torch`` = JAX images/s / PyTorch images/s. Without ``--compare_torch``, one round.
 """
 
 from __future__ import annotations
@@ -37,12 +45,14 @@ import math
 import os
 import pathlib
 import platform
+import queue
 import re
 import shlex
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 from dks_jax import xla_flags
@@ -72,7 +82,15 @@ TORCH_SCRIPT = pathlib.Path(__file__).resolve().parent / "torch_reference.py"
 # A nominal epoch length for the learning-rate schedule (the schedule's values do not change speed).
 STEPS_PER_EPOCH = 1000
 TORCH_METHODS = ("baseline", "ds", "dks")  # what torch_reference.py implements
-TORCH_MODELS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")
+# torch_reference.MODELS: model -> the aux designs the reference builds (a test checks they agree).
+TORCH_MODELS = {
+    **{name: ("none", "paper")
+       for name in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152")},
+    **{name: ("none", "paper", "narrow")
+       for name in ("cifar_resnet8", "cifar_resnet14", "cifar_resnet20", "cifar_resnet32")},
+    "cifar_resnet110": ("none", "paper"),
+}
+DEFAULT_ROUNDS = 3
 
 # Keys every record has, plus ``torch_images_per_sec`` when a comparison ran.
 REQUIRED_KEYS = (
@@ -251,136 +269,173 @@ def _xla_analysis(compiled) -> dict:
     return out
 
 
-def measure_jax(options: Options) -> dict:
-    """Builds and times the train step; returns the measured fields (see the module docstring)."""
-    o = options.resolved()
-    devices = jax.devices()[: o.num_devices] if o.num_devices else jax.devices()
-    mesh = parallel.create_mesh(devices)
-    parallel.check_batch_size(o.batch_size, mesh)
-    config = build_config(o)
-    # With several seeds, the vmapped program of config.num_seeds (dks_jax.seeds).
-    seed_list = [o.seed + i for i in range(o.num_seeds)] if o.num_seeds > 1 else None
-    setup = state_lib.create(config, o.num_classes, STEPS_PER_EPOCH, seeds=seed_list)
-    num_heads, num_params = setup.num_heads, setup.num_params
-    step_fn = steps.train_step(setup, o.seed)
-    state = parallel.replicate(setup.state, mesh)
-    del setup
-    batches = synthetic_batches(o, mesh)
-    jax.block_until_ready((state, batches))
+class JaxBench:
+    """The compiled train step on its synthetic batches, warmed up: :meth:`timed` runs timed steps
+    (one round), :meth:`pipelined` back-to-back steps; :meth:`result` is the measurement."""
 
-    jitted = jax.jit(step_fn, donate_argnums=0)
-    t0 = time.perf_counter()
-    lowered = jitted.lower(state, batches[0])
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
+    def __init__(self, options: Options):
+        o = self.options = options.resolved()
+        self.devices = jax.devices()[: o.num_devices] if o.num_devices else jax.devices()
+        mesh = parallel.create_mesh(self.devices)
+        parallel.check_batch_size(o.batch_size, mesh)
+        config = build_config(o)
+        # With several seeds, the vmapped program of config.num_seeds (dks_jax.seeds).
+        seed_list = [o.seed + i for i in range(o.num_seeds)] if o.num_seeds > 1 else None
+        setup = state_lib.create(config, o.num_classes, STEPS_PER_EPOCH, seeds=seed_list)
+        self.num_heads, self.num_params = setup.num_heads, setup.num_params
+        step_fn = steps.train_step(setup, o.seed)
+        state = parallel.replicate(setup.state, mesh)
+        del setup
+        self.batches = synthetic_batches(o, mesh)
+        jax.block_until_ready((state, self.batches))
 
-    in_flight = parallel.InFlight()  # unbounded dispatch can hang XLA:CPU (parallel.py)
-    for i in range(o.warmup):
-        state, metrics = compiled(state, batches[i % o.num_batches])
-        in_flight.add(metrics)
-    jax.block_until_ready((state, metrics))
-    loss = float(np.mean(metrics["loss"]))
-    if not math.isfinite(loss):
-        raise FloatingPointError(f"non-finite loss {loss} during warm-up")
+        jitted = jax.jit(step_fn, donate_argnums=0)
+        t0 = time.perf_counter()
+        lowered = jitted.lower(state, self.batches[0])
+        t1 = time.perf_counter()
+        self.compiled = lowered.compile()
+        t2 = time.perf_counter()
+        self.lower_s, self.compile_s = t1 - t0, t2 - t0
 
-    times = []
-    for i in range(o.steps):
+        self.in_flight = parallel.InFlight()  # unbounded dispatch can hang XLA:CPU (parallel.py)
+        for i in range(o.warmup):
+            state, metrics = self.compiled(state, self.batches[i % o.num_batches])
+            self.in_flight.add(metrics)
+        jax.block_until_ready((state, metrics))
+        self.loss_first = float(np.mean(metrics["loss"]))
+        if not math.isfinite(self.loss_first):
+            raise FloatingPointError(f"non-finite loss {self.loss_first} during warm-up")
+        self.state, self.metrics = state, metrics
+        self.next_batch = 0
+
+    def _batch(self):
+        batch = self.batches[self.next_batch % len(self.batches)]
+        self.next_batch += 1
+        return batch
+
+    def timed(self, n: int) -> list[float]:
+        """``n`` steps, each timed from dispatch to ``block_until_ready`` of its loss (seconds)."""
+        times = []
+        for _ in range(n):
+            batch = self._batch()
+            start = time.perf_counter()
+            self.state, self.metrics = self.compiled(self.state, batch)
+            self.metrics["loss"].block_until_ready()
+            times.append(time.perf_counter() - start)
+        jax.block_until_ready(self.state)
+        return times
+
+    def pipelined(self, n: int) -> float:
+        """Seconds per step of ``n`` steps dispatched back to back, one sync at the end."""
         start = time.perf_counter()
-        state, metrics = compiled(state, batches[i % o.num_batches])
-        metrics["loss"].block_until_ready()
-        times.append(time.perf_counter() - start)
-    jax.block_until_ready(state)
+        for _ in range(n):
+            self.state, self.metrics = self.compiled(self.state, self._batch())
+            self.in_flight.add(self.metrics)
+        jax.block_until_ready((self.state, self.metrics))
+        return (time.perf_counter() - start) / n
 
-    start = time.perf_counter()
-    for i in range(o.steps):
-        state, metrics = compiled(state, batches[i % o.num_batches])
-        in_flight.add(metrics)
-    jax.block_until_ready((state, metrics))
-    pipelined = (time.perf_counter() - start) / o.steps
-    final_loss = float(np.mean(metrics["loss"]))
+    def result(self, rounds: list[list[float]], pipelined: float) -> dict:
+        """The measured fields (module docstring) of the step times of ``rounds``."""
+        o, devices = self.options, self.devices
+        times = [t for r in rounds for t in r]
+        step_s = statistics.median(times)
+        seen = o.batch_size * o.num_seeds  # images per step, over all seeds
+        assert o.aux is not None  # resolved() fills it in
+        comp = models.complexity(o.model, o.num_classes, image_size=o.image_size, aux=o.aux,
+                                 branches=o.branches or None)
+        macs = int(comp["total"]["macs"])
+        kind = devices[0].device_kind
+        ref_peak, sheet_peak, peak_source = peak_flops(kind, o.dtype)
+        images_per_sec = seen / step_s
+        result = {
+            "device": kind,
+            "platform": devices[0].platform,
+            "num_devices": len(devices),
+            "model": o.model,
+            "aux": o.aux,
+            "branches": o.branches,
+            "method": o.method,
+            "num_heads": self.num_heads,
+            "batch_size": o.batch_size,
+            "image_size": o.image_size,
+            "num_classes": o.num_classes,
+            "dtype": o.dtype,
+            "bn_group_size": o.bn_group_size,
+            "steps": len(rounds[0]),
+            "rounds": len(rounds),
+            "warmup": o.warmup,
+            "num_params": self.num_params,
+            "images_per_sec": images_per_sec,
+            "step_ms": 1e3 * step_s,
+            "step_ms_min": 1e3 * min(times),
+            "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
+            "step_ms_rounds": [1e3 * statistics.median(r) for r in rounds],
+            "pipelined_step_ms": 1e3 * pipelined,
+            "pipelined_images_per_sec": seen / pipelined,
+            "num_seeds": o.num_seeds,
+            "lower_s": self.lower_s,
+            "compile_s": self.compile_s,
+            "peak_memory_bytes": _memory_peak(devices),
+            "macs_per_image": macs,
+            "macs_main_per_image": int(comp["main"]["macs"]),
+            "train_flops_per_image": 6 * macs,
+            "peak_flops_per_device": ref_peak,
+            "peak_flops_source": peak_source,
+            "mfu": mfu(macs, images_per_sec, ref_peak, len(devices)),
+            "mfu_datasheet": mfu(macs, images_per_sec, sheet_peak, len(devices)),
+            "loss_first": self.loss_first,
+            "loss_last": float(np.mean(self.metrics["loss"])),
+        }
+        xla = _xla_analysis(self.compiled)
+        if "xla_flops_per_device_step" in xla:
+            xla["xla_flops_per_image"] = (xla["xla_flops_per_device_step"] * len(devices)
+                                          / o.batch_size)
+        result.update(xla)
+        return result
 
-    step_s = statistics.median(times)
-    seen = o.batch_size * o.num_seeds  # images per step, over all seeds
-    assert o.aux is not None  # resolved() fills it in
-    comp = models.complexity(o.model, o.num_classes, image_size=o.image_size, aux=o.aux,
-                             branches=o.branches or None)
-    macs = int(comp["total"]["macs"])
-    kind = devices[0].device_kind
-    ref_peak, sheet_peak, peak_source = peak_flops(kind, o.dtype)
-    images_per_sec = seen / step_s
-    result = {
-        "device": kind,
-        "platform": devices[0].platform,
-        "num_devices": len(devices),
-        "model": o.model,
-        "aux": o.aux,
-        "branches": o.branches,
-        "method": o.method,
-        "num_heads": num_heads,
-        "batch_size": o.batch_size,
-        "image_size": o.image_size,
-        "num_classes": o.num_classes,
-        "dtype": o.dtype,
-        "bn_group_size": o.bn_group_size,
-        "steps": o.steps,
-        "warmup": o.warmup,
-        "num_params": num_params,
-        "images_per_sec": images_per_sec,
-        "step_ms": 1e3 * step_s,
-        "step_ms_min": 1e3 * min(times),
-        "step_ms_p90": 1e3 * float(np.percentile(times, 90)),
-        "pipelined_step_ms": 1e3 * pipelined,
-        "pipelined_images_per_sec": seen / pipelined,
-        "num_seeds": o.num_seeds,
-        "lower_s": t1 - t0,
-        "compile_s": t2 - t0,
-        "peak_memory_bytes": _memory_peak(devices),
-        "macs_per_image": macs,
-        "macs_main_per_image": int(comp["main"]["macs"]),
-        "train_flops_per_image": 6 * macs,
-        "peak_flops_per_device": ref_peak,
-        "peak_flops_source": peak_source,
-        "mfu": mfu(macs, images_per_sec, ref_peak, len(devices)),
-        "mfu_datasheet": mfu(macs, images_per_sec, sheet_peak, len(devices)),
-        "loss_first": loss,
-        "loss_last": final_loss,
-    }
-    xla = _xla_analysis(compiled)
-    if "xla_flops_per_device_step" in xla:
-        xla["xla_flops_per_image"] = xla["xla_flops_per_device_step"] * len(devices) / o.batch_size
-    result.update(xla)
-    return result
+
+def measure_jax(options: Options, rounds: int = 1) -> dict:
+    """Builds and times the train step: ``rounds`` x ``steps`` timed steps, then the pipelined
+    ones; returns the measured fields (see the module docstring)."""
+    bench = JaxBench(options)
+    times = [bench.timed(bench.options.steps) for _ in range(rounds)]
+    return bench.result(times, bench.pipelined(bench.options.steps))
 
 
 # ---- the PyTorch reference ----------------------------------------------------------------------
 
 
 def torch_command(options: Options, json_out: str, *, python: str | None = None,
-                  compile_mode: str = "auto") -> list[str]:
-    """The command line of the PyTorch reference (``torch_reference.py``) for the same measurement."""
+                  compile_mode: str = "auto", serve: bool = False) -> list[str]:
+    """The command line of the PyTorch reference (``torch_reference.py``) for the same measurement;
+    ``serve``: as the persistent server of :class:`TorchServer` (``json_out`` may be empty)."""
     o = options.resolved()
     if o.model not in TORCH_MODELS:
-        raise ValueError(f"the PyTorch reference has models {TORCH_MODELS}, not {o.model!r}")
-    if o.aux not in ("none", "paper"):
-        raise ValueError(f"the PyTorch reference has aux 'none' and 'paper', not {o.aux!r}")
+        raise ValueError(f"the PyTorch reference has models {tuple(TORCH_MODELS)}, not {o.model!r}")
+    if o.aux not in TORCH_MODELS[o.model]:
+        raise ValueError(f"the PyTorch reference has aux {TORCH_MODELS[o.model]} for {o.model}, "
+                         f"not {o.aux!r}")
     if o.method not in TORCH_METHODS:
         raise ValueError(f"the PyTorch reference has methods {TORCH_METHODS}, not {o.method!r}")
     if o.branches:
         raise ValueError("the PyTorch reference builds the default branches only")
-    return [
+    cmd = [
         python or sys.executable, str(TORCH_SCRIPT),
         "--model", o.model, "--aux", o.aux, "--method", o.method,
         "--batch_size", str(o.batch_size), "--image_size", str(o.image_size),
         "--num_classes", str(o.num_classes), "--dtype", o.dtype,
         "--steps", str(o.steps), "--warmup", str(o.warmup), "--num_batches", str(o.num_batches),
-        "--seed", str(o.seed), "--compile", compile_mode, "--json_out", json_out,
+        "--seed", str(o.seed), "--compile", compile_mode,
     ]
+    if json_out:
+        cmd += ["--json_out", json_out]
+    return cmd + (["--serve"] if serve else [])
 
 
 def measure_torch(options: Options, *, python: str | None = None, compile_mode: str = "auto",
                   timeout: float | None = None) -> dict:
-    """Runs the PyTorch reference in a subprocess; returns its result (or ``{"error": ...}``)."""
+    """Runs the PyTorch reference once in a subprocess (``steps`` timed steps, one round); returns
+    its result (or ``{"error": ...}``)."""
     if not TORCH_SCRIPT.exists():
         return {"error": f"{TORCH_SCRIPT} not found (run from a checkout of the repository)"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -396,6 +451,168 @@ def measure_torch(options: Options, *, python: str | None = None, compile_mode: 
             return {"error": f"exit {proc.returncode}: " + " | ".join(tail)}
         with open(out) as f:
             return json.load(f)
+
+
+class TorchError(RuntimeError):
+    """The PyTorch reference failed, exited or did not answer in time."""
+
+
+class TorchServer:
+    """The PyTorch reference as one persistent subprocess (``torch_reference.py --serve``).
+
+    It builds, compiles and warms up once, at start (before the caller initialises JAX), then times
+    ``n`` steps on each :meth:`timed`; :meth:`finish` returns its result over every round. Why one
+    process for all rounds rather than one per round: each side keeps its warmed-up state across the
+    rounds, as the JAX side keeps its compiled program (a process per round would compile again
+    with ``torch.compile`` on GPU, a minute or more, and re-import torch); and the device memory
+    PyTorch takes while warming up stays its own, claimed before JAX pre-allocates its share of a
+    GPU's memory (where both do not fit, lower ``XLA_PYTHON_CLIENT_MEM_FRACTION``). Between its
+    rounds it waits on its standard input, using no processor time.
+
+    ``timeout``: seconds to wait for each answer (start-up and warm-up, each round, the result).
+    """
+
+    def __init__(self, options: Options, *, python: str | None = None, compile_mode: str = "auto",
+                 timeout: float | None = None):
+        if not TORCH_SCRIPT.exists():
+            raise TorchError(f"{TORCH_SCRIPT} not found (run from a checkout of the repository)")
+        self.timeout = timeout
+        cmd = torch_command(options, "", python=python, compile_mode=compile_mode, serve=True)
+        logging.info("PyTorch reference (server): %s", shlex.join(cmd))
+        self._stderr = tempfile.TemporaryFile(mode="w+")
+        try:
+            self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=self._stderr, text=True, bufsize=1)
+        except OSError as e:
+            self._stderr.close()
+            raise TorchError(f"cannot start {cmd[0]}: {e}") from None
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read_lines, daemon=True).start()
+        try:
+            self.info = self._answer("ready")
+        except TorchError:
+            self.close()
+            raise
+
+    def _read_lines(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)  # end of output: the process exited
+
+    def _stderr_tail(self, lines: int = 5) -> str:
+        self._stderr.seek(0)
+        return " | ".join(self._stderr.read().strip().splitlines()[-lines:])
+
+    def _answer(self, event: str) -> dict:
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while True:
+            wait = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            try:
+                line = self._lines.get(timeout=wait)
+            except queue.Empty:
+                self.close()
+                raise TorchError(f"no {event!r} answer after {self.timeout} s") from None
+            if line is None:
+                code = self.proc.wait()
+                raise TorchError(f"exit {code}: {self._stderr_tail()}")
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError:
+                logging.info("PyTorch reference: %s", line.rstrip())
+                continue
+            if message.get("event") == event:
+                message.pop("event")
+                return message
+            self.close()
+            raise TorchError(f"expected {event!r}, got {line.strip()[:200]}")
+
+    def _send(self, command: str) -> None:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(command + "\n")
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            code = self.proc.wait()
+            raise TorchError(f"exit {code}: {self._stderr_tail()}") from None
+
+    def timed(self, n: int) -> list[float]:
+        """``n`` steps timed in the reference: their seconds, one round of its result."""
+        self._send(f"run {n}")
+        return [float(t) for t in self._answer("times")["times"]]
+
+    def finish(self) -> dict:
+        """The reference's result over every round; the process exits."""
+        self._send("done")
+        result = self._answer("result")
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        self.close()
+        return result
+
+    def close(self) -> None:
+        """Ends the process (if it still runs)."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._stderr.close()
+
+
+def interleave(jax_side, torch_side, rounds: int, steps: int):
+    """``rounds`` rounds of ``steps`` timed steps per side, alternating: PyTorch, then JAX, in every
+    round. ``*_side.timed(n)`` returns the step seconds. Returns ``(jax_rounds, torch_rounds,
+    torch_error)``; a PyTorch failure (``TorchError``) ends its side, and JAX's rounds go on;
+    ``torch_side=None``: JAX only."""
+    if rounds < 1 or steps < 1:
+        raise ValueError(f"rounds and steps must be at least 1, got {rounds} and {steps}")
+    jax_rounds: list[list[float]] = []
+    torch_rounds: list[list[float]] = []
+    error = None
+    for r in range(rounds):
+        if error is None and torch_side is not None:
+            try:
+                torch_rounds.append(torch_side.timed(steps))
+            except TorchError as e:
+                error = f"round {r + 1}: {e}"
+                logging.warning("The PyTorch reference failed: %s", error)
+        jax_rounds.append(jax_side.timed(steps))
+        logging.info("round %d/%d: JAX %.2f ms/step%s", r + 1, rounds,
+                     1e3 * statistics.median(jax_rounds[-1]),
+                     f", PyTorch {1e3 * statistics.median(torch_rounds[-1]):.2f} ms/step"
+                     if len(torch_rounds) == r + 1 else "")
+    return jax_rounds, torch_rounds, error
+
+
+def measure_interleaved(options: Options, *, rounds: int = DEFAULT_ROUNDS,
+                        python: str | None = None, compile_mode: str = "auto",
+                        timeout: float | None = None) -> tuple[dict, dict]:
+    """``(jax_result, torch_result)`` of :func:`interleave`: the PyTorch server starts and warms
+    up first, then JAX compiles and warms up once, then the rounds alternate; each side's
+    ``step_ms`` is the median over all its steps, ``step_ms_rounds`` the median of each round.
+    ``torch_result`` is ``{"error": ...}`` if the reference failed (JAX is measured anyway)."""
+    o = options.resolved()
+    server = None
+    error = None
+    try:
+        server = TorchServer(o, python=python, compile_mode=compile_mode, timeout=timeout)
+    except TorchError as e:
+        error = f"start: {e}"
+        logging.warning("The PyTorch reference failed: %s", error)
+    try:
+        bench = JaxBench(o)
+        jax_rounds, _, torch_error = interleave(bench, server, rounds, o.steps)
+        jax_result = bench.result(jax_rounds, bench.pipelined(o.steps))
+        if server is not None and torch_error is None:
+            try:
+                return jax_result, server.finish()
+            except TorchError as e:
+                torch_error = f"result: {e}"
+        return jax_result, {"error": error or torch_error}
+    finally:
+        if server is not None:
+            server.close()
 
 
 # ---- records ------------------------------------------------------------------------------------
@@ -488,7 +705,7 @@ def summary(record: dict) -> str:
         f"  images/s      {record['images_per_sec']:.1f}   (pipelined "
         f"{record['pipelined_images_per_sec']:.1f})",
         f"  step ms       {record['step_ms']:.2f} median, {record['step_ms_min']:.2f} min, "
-        f"{record['step_ms_p90']:.2f} p90 over {record['steps']} steps",
+        f"{record['step_ms_p90']:.2f} p90 over {_steps_text(record)}",
         f"  compile s     {record['compile_s']:.2f} (lower {record['lower_s']:.2f})",
         f"  peak memory   {_fmt(record['peak_memory_bytes'], '.2f', 2**30, ' GiB')}",
         f"  MACs/image    {record['macs_per_image'] / 1e9:.3f} G forward "
@@ -500,12 +717,26 @@ def summary(record: dict) -> str:
         if record["torch_images_per_sec"] is None:
             lines.append(f"  PyTorch       failed: {record.get('torch_error')}")
         else:
+            threads = record.get("torch_num_threads")
             lines.append(
                 f"  PyTorch       {record['torch_images_per_sec']:.1f} images/s, "
-                f"{record['torch_step_ms']:.2f} ms/step, compile {record['torch_compile_s']:.1f} s "
-                f"-> JAX / PyTorch = {record['jax_over_torch']:.2f}x"
+                f"{record['torch_step_ms']:.2f} ms/step, compile {record['torch_compile_s']:.1f} s"
+                + (f", {threads} threads" if threads else "")
+                + f" -> JAX / PyTorch = {record['jax_over_torch']:.2f}x"
             )
+            if record.get("torch_step_ms_rounds") and record.get("step_ms_rounds"):
+                jax_r = ", ".join(f"{t:.2f}" for t in record["step_ms_rounds"])
+                torch_r = ", ".join(f"{t:.2f}" for t in record["torch_step_ms_rounds"])
+                lines.append(f"  round medians JAX {jax_r} ms; PyTorch {torch_r} ms (alternating, "
+                             "PyTorch first)")
     return "\n".join(lines)
+
+
+def _steps_text(record: dict) -> str:
+    rounds = record.get("rounds", 1)
+    if rounds == 1:
+        return f"{record['steps']} steps"
+    return f"{rounds} rounds x {record['steps']} steps"
 
 
 # ---- command line -------------------------------------------------------------------------------
@@ -539,13 +770,19 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("seed", d.seed, "Seed of the parameters and the synthetic data.", flag_values=fv)
     flags.DEFINE_string("output", DEFAULT_OUTPUT, "Folder for a new record, or a .json path; "
                         "'' writes none.", flag_values=fv)
-    flags.DEFINE_bool("compare_torch", False, "Also run the PyTorch reference (first, "
-                      "in a subprocess) and record torch_images_per_sec.", flag_values=fv)
+    flags.DEFINE_bool("compare_torch", False, "Also time the PyTorch reference (a persistent "
+                      "subprocess), interleaved with JAX in --rounds rounds, and record "
+                      "torch_images_per_sec.", flag_values=fv)
+    flags.DEFINE_integer("rounds", DEFAULT_ROUNDS, "With --compare_torch: rounds of --steps timed "
+                         "steps per side, alternating PyTorch and JAX (medians over all rounds).",
+                         flag_values=fv)
     flags.DEFINE_string("torch_python", None, "Python that runs the PyTorch reference "
                         "(default: this one).", flag_values=fv)
     flags.DEFINE_enum("torch_compile", "auto", ["auto", "on", "off"],
                       "torch.compile in the reference: auto = on for CUDA, off on CPU.", flag_values=fv)
-    flags.DEFINE_float("torch_timeout", 1800.0, "Seconds before the reference is given up.", flag_values=fv)
+    flags.DEFINE_float("torch_timeout", 1800.0, "Seconds to wait for each answer of the "
+                       "reference (start-up and warm-up, each round) before giving it up.",
+                       flag_values=fv)
 
 
 def options_from_flags(flag_values) -> Options:
@@ -555,19 +792,30 @@ def options_from_flags(flag_values) -> Options:
 
 def run(options: Options, *, command: str, output: str | None = DEFAULT_OUTPUT,
         compare_torch: bool = False, torch_python: str | None = None,
-        torch_compile: str = "auto", torch_timeout: float | None = None) -> dict:
-    """Measures (PyTorch first when asked), writes the record unless ``output`` is empty."""
+        torch_compile: str = "auto", torch_timeout: float | None = None,
+        rounds: int = DEFAULT_ROUNDS) -> dict:
+    """Measures (interleaved with PyTorch when asked: :func:`measure_interleaved`), writes the
+    record unless ``output`` is empty. Without ``compare_torch`` JAX times ``steps`` steps once."""
     options = options.resolved()
-    torch_result = None
     if compare_torch and options.num_seeds > 1:
         raise ValueError("--compare_torch times one seed (the PyTorch reference has no vmapped "
                          "seeds): use it with --num_seeds=1")
-    if compare_torch:
-        torch_result = measure_torch(options, python=torch_python, compile_mode=torch_compile,
-                                     timeout=torch_timeout)
-        if "error" in torch_result:
-            logging.warning("The PyTorch reference failed: %s", torch_result["error"])
-    record = make_record(measure_jax(options), command, torch_result)
+    if not compare_torch:
+        return _finish(make_record(measure_jax(options), command), output)
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+    torch_command(options, "")  # a model, aux or method the reference lacks: fail before timing
+    jax_result, torch_result = measure_interleaved(
+        options, rounds=rounds, python=torch_python, compile_mode=torch_compile,
+        timeout=torch_timeout)
+    if "error" in torch_result:
+        logging.warning("The PyTorch reference failed: %s", torch_result["error"])
+    record = make_record(jax_result, command, torch_result)
+    record["comparison"] = "interleaved"
+    return _finish(record, output)
+
+
+def _finish(record: dict, output: str | None) -> dict:
     if output:
         record["path"] = str(write_record(record, output))
     return record
@@ -580,7 +828,8 @@ def record_from_argv(argv: list[str]) -> dict:
     command = f"{PROG} " + shlex.join(argv)
     record = run(options_from_flags(fv), command=command.strip(), output=fv.output,
                  compare_torch=fv.compare_torch, torch_python=fv.torch_python,
-                 torch_compile=fv.torch_compile, torch_timeout=fv.torch_timeout)
+                 torch_compile=fv.torch_compile, torch_timeout=fv.torch_timeout,
+                 rounds=fv.rounds)
     print(summary(record), flush=True)
     if record.get("path"):
         print(f"  record        {record['path']}", flush=True)
