@@ -421,3 +421,9 @@ def test_compare_dry_run_lists_the_cases(capsys):
     assert "--compare_torch" not in lines[-1]  # CIFAR: JAX only
     with pytest.raises(cli.UsageError, match="unknown cases"):
         compare.main(["--dry_run", "--cases=resnet9"])
+
+
+def test_dtype_auto_is_float32_on_the_cpu():
+    """The CPU has no bfloat16 units: the default dtype there is float32 (bfloat16 elsewhere)."""
+    options = benchmark.Options(model="cifar_resnet8").resolved()
+    assert benchmark.Options().dtype == "auto" and options.dtype == "float32"

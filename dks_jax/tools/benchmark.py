@@ -166,7 +166,7 @@ class Options:
     batch_size: int = 256
     image_size: int = 0
     num_classes: int = 0
-    dtype: str = "bfloat16"
+    dtype: str = "auto"  # auto: float32 on the CPU (no bfloat16 units), bfloat16 on accelerators
     steps: int = 50
     warmup: int = 5
     num_batches: int = 2
@@ -182,8 +182,11 @@ class Options:
         if self.method not in config_base.METHODS or self.method == "kd":
             valid = [m for m in config_base.METHODS if m != "kd"]
             raise ValueError(f"method {self.method!r} cannot be benchmarked; valid: {valid}")
-        if self.dtype not in state_lib.DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(state_lib.DTYPES)}")
+        dtype = self.dtype
+        if dtype == "auto":
+            dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        if dtype not in state_lib.DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(state_lib.DTYPES)}")
         if self.num_seeds < 1:
             raise ValueError(f"num_seeds must be at least 1, got {self.num_seeds}")
         if self.steps < 1 or self.warmup < 1 or self.num_batches < 1:
@@ -194,6 +197,7 @@ class Options:
         return dataclasses.replace(
             self,
             aux=aux,
+            dtype=dtype,
             image_size=self.image_size or design,
             num_classes=self.num_classes or (1000 if design >= 64 else 10),
         )
@@ -756,8 +760,9 @@ def define_flags(fv: flags.FlagValues) -> None:
                          flag_values=fv)
     flags.DEFINE_integer("num_classes", d.num_classes, "0 = 1000 for ImageNet models, else 10.",
                          flag_values=fv)
-    flags.DEFINE_enum("dtype", d.dtype, list(state_lib.DTYPES), "Compute dtype (parameters float32).",
-                      flag_values=fv)
+    flags.DEFINE_enum("dtype", d.dtype, ["auto", *state_lib.DTYPES],
+                      "Compute dtype (parameters float32); auto: float32 on the CPU, bfloat16 on "
+                      "accelerators.", flag_values=fv)
     flags.DEFINE_integer("steps", d.steps, "Timed steps (median reported).", flag_values=fv)
     flags.DEFINE_integer("warmup", d.warmup, "Untimed steps after compilation.", flag_values=fv)
     flags.DEFINE_integer("num_batches", d.num_batches, "Distinct synthetic batches rotated over.",
