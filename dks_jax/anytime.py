@@ -267,8 +267,8 @@ def _xla_costs(wrapped: attach.Attached, example, kwargs) -> HeadCosts:
         return float(cost["flops"]) / 2.0 / batch
 
     def taps(model, args):
-        out, found = attach._run(model.model, model.tap_paths, args, kwargs)
-        return attach._main(out), [x for _, x in found]
+        out, maps = model.features(*args, **kwargs)
+        return attach._main(out), [maps[name] for name in model.taps]
 
     n = wrapped.num_heads
     fork = [macs(lambda m, a: taps(m, a)[0])]
