@@ -56,7 +56,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# The default suite (about 9 minutes on 2 CPU cores); the slowest tests are listed at the end.
+# The default suite (about 11 minutes on 2 CPU cores); the slowest tests are listed at the end.
 test: $(STAMP) lint
 	$(PY) -m pytest -q --durations=15 tests
 
