@@ -197,6 +197,9 @@ def optax_norm(tree) -> jax.Array:
 # (c) export drops the branches; a plain checkpoint loads into the main path.
 
 
+# About 16 s on 2 cores: `make test-all`. In the default suite the trained ViT's export (branches
+# dropped, reloaded from its factory) is checked by test_attach_trainer.py.
+@pytest.mark.slow
 def test_export_equals_plain_state_and_plain_state_loads():
     vit = TinyViT(10, rngs=nnx.Rngs(0))
     want = jax.tree.map(np.asarray, nnx.state(vit))

@@ -189,7 +189,7 @@ def test_sharded_step_equals_one_device(name):
 @pytest.mark.parametrize(
     "method",
     [
-        pytest.param(m, marks=pytest.mark.slow) if m != "byot" else m
+        pytest.param(m, marks=pytest.mark.slow) if m != "byot" else m  # byot: 9 s
         for m in ("baseline", "ds", "dsn", "dks", "dhm", "byot")
     ],
 )
