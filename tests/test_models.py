@@ -495,3 +495,74 @@ def test_every_small_cifar_model_compiles_and_runs(name, dtype):
     assert len(logits) == model.num_heads
     assert all(z.shape == (2, 10) and z.dtype == F32 for z in logits)
     assert all(bool(jnp.all(jnp.isfinite(z))) for z in logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# layers.materialize: the residual stream stored once on the CPU.
+
+
+@pytest.fixture
+def materialize_switch():
+    """Restores ``layers.MATERIALIZE_ON_CPU`` after a test flips it."""
+    before = layers.MATERIALIZE_ON_CPU
+    yield
+    layers.MATERIALIZE_ON_CPU = before
+
+
+def test_materialize_is_an_exact_identity_that_xla_keeps(materialize_switch):
+    x = jax.random.normal(jax.random.key(0), (4, 8, 8, 16), F32) * 1e3
+    x = x.at[0, 0, 0, :3].set(jnp.array([0.0, -0.0, 1e-40]))  # zero, signed zero, subnormal
+    y = jax.jit(layers.materialize)(x)
+    ftz = x.at[0, 0, 0, 2].set(0.0)  # XLA:CPU flushes subnormals in any arithmetic
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(ftz))
+    assert np.signbit(np.asarray(y)[0, 0, 0, 1])
+    g = jax.grad(lambda x: jnp.sum(layers.materialize(x) * 3.0))(x)
+    np.testing.assert_array_equal(np.asarray(g), np.full(x.shape, 3.0, np.float32))
+
+    def compiled(x):  # a stream of cheap elementwise blocks, read back transposed
+        f = lambda x: jnp.transpose(layers.materialize(jax.nn.relu(x + 1.0)), (3, 1, 2, 0))
+        return jax.jit(f).lower(x).compile().as_text()
+
+    assert jax.default_backend() == "cpu"
+    assert " divide(" in compiled(x)  # the barrier keeps XLA from folding x / 1 away
+    layers.MATERIALIZE_ON_CPU = False
+    assert " divide(" not in compiled(x)
+
+
+class _Stream(nnx.Module):
+    """Three CIFAR ResNet blocks: a residual stream small enough to compile in seconds."""
+
+    def __init__(self):
+        cfg = layers.LayerConfig()
+        rngs = layers.KeySeq(jax.random.key(0))
+        self.blocks = nnx.List([cifar_resnet.BasicBlock(4, 4, 1, shortcut="subsample",
+                                                        zero_init=False, cfg=cfg, rngs=rngs)
+                                for _ in range(3)])
+
+    def __call__(self, x):
+        for block in self.blocks:
+            x = block(x, train=True)
+        return x
+
+
+def test_materialize_stops_the_stream_being_recomputed_and_changes_no_result(materialize_switch):
+    """Without materialize, XLA:CPU's fusions recompute the ReLUs of earlier blocks; with it,
+    fewer ReLUs are computed in fusions, and the loss and every gradient stay equal to float
+    tolerance."""
+    graphdef, state = nnx.split(_Stream())
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 4), F32)
+
+    def loss(state):
+        return jnp.mean(nnx.merge(graphdef, state)(x) ** 2)
+
+    counts, grads = {}, {}
+    for on in (False, True):
+        layers.MATERIALIZE_ON_CPU = on
+        compiled = jax.jit(jax.value_and_grad(loss)).lower(state).compile()
+        fused = compiled.as_text().split("\nENTRY ")[0]  # fused computations precede the entry
+        counts[on], grads[on] = fused.count(" maximum("), compiled(state)
+    assert counts[True] < counts[False], counts
+    leaves = {on: jax.tree.leaves(g) for on, g in grads.items()}
+    assert len(leaves[True]) == len(leaves[False]) == 1 + 3 * 10  # loss; kernels, BN leaves
+    for a, b in zip(leaves[False], leaves[True], strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

@@ -55,7 +55,7 @@ class BasicBlock(nnx.Module):
         (compute dtype). ``rngs`` is unused."""
         y = jax.nn.relu(self.bn1(self.conv1(x), train=train))
         y = self.bn2(self.conv2(y), train=train)
-        return jax.nn.relu(y + self._shortcut(x))
+        return layers.materialize(jax.nn.relu(y + self._shortcut(x)))
 
 
 class CifarResNet:

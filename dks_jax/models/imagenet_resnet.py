@@ -50,7 +50,7 @@ class BasicBlock(nnx.Module):
         (compute dtype). ``rngs`` is unused."""
         y = self.conv2(self.conv1(x, train=train), train=train)
         r = x if self.downsample is None else self.downsample(x, train=train)
-        return jax.nn.relu(y + r)
+        return layers.materialize(jax.nn.relu(y + r))
 
 
 class Bottleneck(nnx.Module):
@@ -70,7 +70,7 @@ class Bottleneck(nnx.Module):
         planes]`` (compute dtype). ``rngs`` is unused."""
         y = self.conv3(self.conv2(self.conv1(x, train=train), train=train), train=train)
         r = x if self.downsample is None else self.downsample(x, train=train)
-        return jax.nn.relu(y + r)
+        return layers.materialize(jax.nn.relu(y + r))
 
 
 def _projection(in_features, out, stride, cfg, rngs):

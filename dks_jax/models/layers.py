@@ -121,6 +121,28 @@ class Conv(nnx.Module):
         return y
 
 
+# Whether :func:`materialize` acts (on the CPU backend); a switch for measuring its effect.
+MATERIALIZE_ON_CPU = True
+
+
+def materialize(x: jax.Array) -> jax.Array:
+    """``x`` itself (``x / 1``: exact, but for subnormals, which XLA:CPU's arithmetic flushes to
+    zero anyway), stored once where XLA:CPU would recompute it.
+
+    XLA's fusion copies cheap elementwise producers into each consumer. In a residual stream,
+    ``x_k = relu(x_{k-1} + bn(conv(...)))``, every block's output is such a producer of the
+    next, so a consumer that cannot read the stored array in order (on the CPU: the transposed
+    copy that feeds a convolution's weight gradient) recomputes every earlier block of the stage,
+    element by element in transposed order. A float division is one of the operations that
+    XLA:CPU never duplicates; its divisor, 1, sits behind an optimization barrier so that it is
+    not folded away. Residual blocks apply this to their output. On other backends, or with
+    :data:`MATERIALIZE_ON_CPU` false, ``x`` is returned as it is.
+    """
+    if not MATERIALIZE_ON_CPU or jax.default_backend() != "cpu":
+        return x
+    return x / jax.lax.optimization_barrier(jnp.ones((), x.dtype))
+
+
 def _torch_linear_init(fan_in: int):
     bound = 1.0 / math.sqrt(fan_in)
     return lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
