@@ -369,6 +369,42 @@ def test_batchnorm_group_size_against_numpy():
         layers.BatchNorm(5, group_size=3)(jnp.asarray(x), train=True)
 
 
+def _autodiff_bn(x, scale, bias, group, eps=layers.BN_EPSILON):
+    """BatchNorm's training output written plainly, for jax.grad to differentiate."""
+    xg = x.reshape((x.shape[0] // group, group) + x.shape[1:])
+    axes = tuple(range(1, xg.ndim - 1))
+    mean = jnp.mean(xg, axis=axes, keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=axes, keepdims=True)
+    return ((xg - mean) * jax.lax.rsqrt(var + eps) * scale + bias).reshape(x.shape)
+
+
+@pytest.mark.parametrize("group", [None, 2])
+def test_batchnorm_gradient_equals_autodiff(group):
+    """BatchNorm's hand-written backward pass (through the batch statistics) against jax.grad of
+    the plain formula: the input, scale and bias gradients."""
+    keys = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(keys[0], (8, 5, 5, 6), F32) * 3 + 1
+    w = jax.random.normal(keys[1], x.shape, F32)  # a loss that weighs every output differently
+    scale = jax.random.normal(keys[2], (6,), F32)
+    bias = jax.random.normal(keys[3], (6,), F32)
+    bn = layers.BatchNorm(6, group_size=group)
+    graphdef, _, stats = nnx.split(bn, nnx.Param, nnx.BatchStat)
+
+    def ours(x, scale, bias, stats):
+        m = nnx.merge(graphdef, nnx.State({"scale": nnx.Param(scale), "bias": nnx.Param(bias)}),
+                      stats)
+        return jnp.sum(jax.nn.relu(m(x, train=True)) * w)
+
+    def plain(x, scale, bias):
+        return jnp.sum(jax.nn.relu(_autodiff_bn(x, scale, bias, group or 8)) * w)
+
+    got = jax.jit(jax.grad(ours, argnums=(0, 1, 2, 3)))(x, scale, bias, stats)[:3]
+    want = jax.jit(jax.grad(plain, argnums=(0, 1, 2)))(x, scale, bias)
+    for a, b in zip(got, want, strict=True):
+        assert float(jnp.max(jnp.abs(b))) > 0.1
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+
+
 def test_batchnorm_train_vs_eval():
     x = jnp.asarray(np.random.default_rng(1).normal(3.0, 2.0, (16, 4, 4, 3)), F32)
     bn = layers.BatchNorm(3)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import math
 from collections.abc import Iterator
 
@@ -209,9 +210,11 @@ class BatchNorm(nnx.Module):
                 )
             xg = xf.reshape((batch // g, g) + x.shape[1:])
             axes = tuple(range(1, xg.ndim - 1))
-            mean = jnp.mean(xg, axis=axes, keepdims=True)
-            var = jnp.maximum(jnp.mean(jnp.square(xg), axis=axes, keepdims=True) - mean**2, 0.0)
-            y = ((xg - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+            sx = jax.lax.stop_gradient(xg)  # _normalize's gradient goes through the statistics
+            mean = jnp.mean(sx, axis=axes, keepdims=True)
+            var = jnp.maximum(jnp.mean(jnp.square(sx), axis=axes, keepdims=True) - mean**2, 0.0)
+            y = _normalize(xg, mean, var, self.scale.get_value(), self.bias.get_value(),
+                           self.epsilon).reshape(x.shape)
             n = g * math.prod(x.shape[1:-1])
             group_mean = mean.reshape(-1, x.shape[-1]).mean(axis=0)
             group_var = var.reshape(-1, x.shape[-1]).mean(axis=0) * (n / max(n - 1, 1))
@@ -220,9 +223,45 @@ class BatchNorm(nnx.Module):
             # proportional to the whole trace in flax 0.12 (quadratic in depth: ResNet-1202).
             self.mean.set_value(m * self.mean.get_value() + (1.0 - m) * group_mean)
             self.var.set_value(m * self.var.get_value() + (1.0 - m) * group_var)
-        else:
-            y = (xf - self.mean.get_value()) * jax.lax.rsqrt(self.var.get_value() + self.epsilon)
+            return y.astype(self.dtype)
+        y = (xf - self.mean.get_value()) * jax.lax.rsqrt(self.var.get_value() + self.epsilon)
         return (y * self.scale.get_value() + self.bias.get_value()).astype(self.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _normalize(x, mean, var, scale, bias, epsilon):
+    """``(x - mean) / sqrt(var + epsilon) * scale + bias`` for ``x: float[G, g, ..., C]`` whose
+    ``mean`` and ``var`` (``[G, 1, ..., 1, C]``) are its own statistics over the middle axes.
+
+    The gradient is BatchNorm's, through the statistics (which arrive without a gradient of their
+    own): with ``xhat`` the normalised ``x`` and ``n`` the elements per group and channel,
+    ``dx = scale / sqrt(var + epsilon) / n * (n * dy - sum(dy) - xhat * sum(dy * xhat))``. Written
+    out, the backward pass recomputes ``xhat`` from ``x`` where it reads it; autodiff instead keeps
+    ``x - mean`` and ``xhat`` as residuals, two more stored arrays per BatchNorm (the CIFAR
+    ResNet-32 step: 8% faster on the CPU).
+    """
+    return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
+
+
+def _normalize_fwd(x, mean, var, scale, bias, epsilon):
+    return _normalize(x, mean, var, scale, bias, epsilon), (x, mean, var, scale)
+
+
+def _normalize_bwd(epsilon, residuals, dy):
+    x, mean, var, scale = residuals
+    axes = tuple(range(1, x.ndim - 1))
+    n = math.prod(x.shape[1:-1])
+    rstd = jax.lax.rsqrt(var + epsilon)
+    xhat = (x - mean) * rstd
+    sum_dy = jnp.sum(dy, axis=axes, keepdims=True)
+    sum_dy_xhat = jnp.sum(dy * xhat, axis=axes, keepdims=True)
+    dx = (scale * rstd / n) * (n * dy - sum_dy - xhat * sum_dy_xhat)
+    dscale = jnp.sum(sum_dy_xhat, axis=0).reshape(scale.shape)
+    dbias = jnp.sum(sum_dy, axis=0).reshape(scale.shape)
+    return dx, jnp.zeros_like(mean), jnp.zeros_like(var), dscale, dbias
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 class ConvBN(nnx.Module):
