@@ -238,7 +238,7 @@ def _normalize(x, mean, var, scale, bias, epsilon):
     ``dx = scale / sqrt(var + epsilon) / n * (n * dy - sum(dy) - xhat * sum(dy * xhat))``. Written
     out, the backward pass recomputes ``xhat`` from ``x`` where it reads it; autodiff instead keeps
     ``x - mean`` and ``xhat`` as residuals, two more stored arrays per BatchNorm (the CIFAR
-    ResNet-32 step: 8% faster on the CPU).
+    ResNet-32 training step on one CPU core: 1.12x faster without branches, 1.06x with DKS).
     """
     return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
 
