@@ -69,8 +69,10 @@ demo: $(STAMP)
 	  $(if $(DATA_DIR),--config.data_dir=$(DATA_DIR))
 
 # The CPU evidence study (results/cpu_study/README.md): about 5 hours on 2 cores, resumable.
+# STUDY_JOBS runs train at once, one CPU core each.
+STUDY_JOBS ?= 2
 study: $(STAMP)
-	DATA_DIR=$(DATA_DIR) results/cpu_study/run.sh
+	DATA_DIR=$(DATA_DIR) JOBS=$(STUDY_JOBS) results/cpu_study/run.sh
 
 clean-torch:
 	rm -rf $(TORCH_VENV)

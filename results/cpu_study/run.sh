@@ -7,7 +7,13 @@
 # Resumable: a run with runs/<config>/seed<k>/result.json is done and skipped (those files are
 # committed), an interrupted run resumes from its checkpoint (kept out of git). With COMMIT=1 each
 # finished run's small files, the tables and the curves are committed as the run lands.
+#
+# JOBS=N trains N runs at once, each worker pinned to one CPU core (on a 2-core machine two
+# one-core runs train about 1.3x as many images per second as one run on both cores). A worker
+# takes the next unfinished run in the order above that no other worker holds (a lock file per
+# run), so the runs start in the same order; the training itself is the same.
 set -euo pipefail
+SELF=$(realpath "$0")
 cd "$(dirname "$0")/../.."
 
 PY=${PY:-.venv/bin/python}
@@ -44,18 +50,38 @@ commit() {  # commit only these paths (other staged work stays staged); retry wh
   echo "run.sh: could not commit $*" >&2
 }
 
+JOBS=${JOBS:-1}
+WORKER=${WORKER:-0}
 mkdir -p "$RUNS"
+if [[ $WORKER == 0 && $JOBS -gt 1 ]]; then
+  cores=$(nproc)
+  for ((j = 0; j < JOBS; j++)); do
+    WORKER=1 taskset -c $((j % cores)) "$SELF" &
+    sleep 1  # the workers start one after the other
+  done
+  wait
+  tables
+  echo "$(date '+%F %T') all workers finished: results/cpu_study.md"
+  exit 0
+fi
+
 for phase in "${PHASES[@]}"; do
   for seed in "${SEEDS[@]}"; do
     for preset in $phase; do
       name="cpu_study-${preset//,/-}"
       run="$RUNS/$name/seed$seed"
       [[ -f $run/result.json ]] && continue
+      mkdir -p "$RUNS/$name"
+      exec {claim}> "$run.lock"
+      if ! flock -n "$claim"; then exec {claim}>&-; continue; fi  # another worker trains it
+      [[ -f $run/result.json ]] && { exec {claim}>&-; continue; }
       echo "$(date '+%F %T') $name seed $seed: training"
       nice -n 10 "$PY" -m dks_jax.tools.sweep --configs="configs/cpu_study.py:$preset" --seeds="$seed-$seed" \
         --workdir="$RUNS" --results_dir="$RUNS/.tables" "--config.data_dir=$DATA_DIR" \
         >> "$RUNS/sweep.log" 2>&1
       [[ -f $run/result.json ]] || { echo "$name seed $seed did not finish: see $RUNS/sweep.log"; exit 1; }
+      exec {shared}> "$RUNS/.tables.lock"
+      flock "$shared"  # one worker at a time writes the tables and commits
       tables
       top1=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['metrics']['eval_top1/C1'])" "$run/result.json")
       echo "$(date '+%F %T') $name seed $seed: C1 top-1 $top1%"
@@ -64,8 +90,11 @@ for phase in "${PHASES[@]}"; do
           "$run/result.json" "$run/metrics.jsonl" "$run/config.json" \
           results/cpu_study.csv results/cpu_study.md "$STUDY"/curves-*.png
       fi
+      exec {shared}>&- {claim}>&-
     done
   done
 done
-tables
-echo "$(date '+%F %T') all runs finished: results/cpu_study.md"
+if [[ $WORKER == 0 ]]; then
+  tables
+  echo "$(date '+%F %T') all runs finished: results/cpu_study.md"
+fi
