@@ -227,3 +227,11 @@ def read_metrics(workdir) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def time_so_far(workdir) -> float:
+    """Seconds of training already spent on the run in ``workdir`` (0 for a new run): the last
+    ``elapsed_s`` of its metrics.jsonl, which counts every earlier segment of a resumed run,
+    work that a stop made redo included."""
+    values = [r["elapsed_s"] for r in read_metrics(workdir) if "elapsed_s" in r]
+    return float(values[-1]) if values else 0.0

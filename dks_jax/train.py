@@ -408,6 +408,8 @@ class _TrainLog:
         self.first_step = start_step
         self.items: list = []
         self.last = (time.time(), start_step)
+        # elapsed_s: the run's training time over all its segments (resumes continue it).
+        self.elapsed_before, self.started = metrics.time_so_far(workdir), time.time()
 
     def add(self, step_metrics: dict) -> None:
         self.items.append(step_metrics)
@@ -426,6 +428,7 @@ class _TrainLog:
         averaged["images_per_sec"] = rate * self.config.batch_size
         averaged["epoch"] = step / self.steps_per_epoch
         averaged["eta_min"] = (self.total_steps - step) / max(rate, 1e-9) / 60.0
+        averaged["elapsed_s"] = self.elapsed_before + now - self.started
         self.writer.write_scalars(step, averaged)
         self.items.clear()
         self.first_step = step

@@ -114,7 +114,12 @@ def test_resume_continues_exactly(cifar_subset, tmp_path):
     train.train_and_evaluate(config, tmp_path / "straight")
     out = train.train_and_evaluate(config, tmp_path / "resumed", stop_at_step=3)
     assert out == {"stopped_at_step": 3}
+    first_segment = metrics.time_so_far(tmp_path / "resumed")
+    assert first_segment > 0
     train.train_and_evaluate(config, tmp_path / "resumed")
+    # The training time goes on from the first segment's instead of starting again.
+    elapsed = [r["elapsed_s"] for r in metrics.read_metrics(tmp_path / "resumed") if "elapsed_s" in r]
+    assert elapsed == sorted(elapsed) and elapsed[-1] > first_segment
     step_a, a = params_of(tmp_path / "straight")
     step_b, b = params_of(tmp_path / "resumed")
     assert step_a == step_b == 6

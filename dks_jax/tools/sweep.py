@@ -214,7 +214,8 @@ def run_sweep(configs: Sequence[str], seeds, workdir, *, overrides: Sequence[str
                 config.num_seeds = len(job_seeds)
             label = f"{n} seed{'s' if len(job_seeds) > 1 else ''} {job_seeds}"
             logging.info("%s: training in %s", label, run_dir)
-            start = time.time()
+            # A resumed run's wall time counts its earlier segments too.
+            start = time.time() - metrics.time_so_far(run_dir)
             try:
                 result = train_fn(config, run_dir, mesh=mesh)
             except Exception:
