@@ -54,7 +54,7 @@ def study(tmp_path):
     repo = tmp_path / "repo"
     (repo / "results" / "cpu_study").mkdir(parents=True)
     shutil.copy(RUN_SH, repo / "results" / "cpu_study" / "run.sh")
-    for name in ["cpu_study.md", "cpu_study.csv", "cpu_study/curves-x.png"]:
+    for name in ["cpu_study.md", "cpu_study.csv", "cpu_study/curves-x.png", "cpu_study/curves.md"]:
         (repo / "results" / name).write_text("")
     (repo / ".gitignore").write_text("/results/*/runs/\n")
     fake = tmp_path / "python"

@@ -194,10 +194,17 @@ def test_curves_mean_and_band_over_seeds(tmp_path):
                  {"step": 10, "loss": 2.0 * scale}, {"step": 20, "loss": 1.0 * scale},
                  {"step": 20, "loss": 0.5 * scale}]  # a resumed run logs step 20 again: last wins
         (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+        (folder / "result.json").write_text(json.dumps({"config": _config("dks", seed=k)}))
+    running = root / "r-dks" / "seed2"  # in progress: in the figures, not in curves.md
+    running.mkdir()
+    (running / "metrics.jsonl").write_text(json.dumps({"step": 0, "steps_per_epoch": 10}) + "\n"
+                                           + json.dumps({"step": 10, "loss": 9.0}) + "\n")
     _write_main_run(root / "r-base" / "seed0", _config("baseline"), None)
     (root / "r-none" / "seed0").mkdir(parents=True)  # no metrics yet: no figure
     (root / "r-none" / "seed0" / "config.json").write_text(json.dumps(_config("ds")))
     x, mean, std, n = curves.band(curves.seed_runs(root / "r-dks"), "loss")
+    assert n == 3 and list(x) == [1.0]  # the figures draw the run in progress too
+    x, mean, std, n = curves.band(curves.seed_runs(root / "r-dks")[:2], "loss")
     assert n == 2 and list(x) == [1.0, 2.0]
     np.testing.assert_allclose(mean, [4.0, 1.0])
     np.testing.assert_allclose(std, [np.std([2, 6], ddof=1), np.std([0.5, 1.5], ddof=1)])
@@ -205,8 +212,13 @@ def test_curves_mean_and_band_over_seeds(tmp_path):
     written = curves.plot_sweep(root, tmp_path / "png")
     names = sorted(p.name for p in written)
     assert names == ["curves-cifar_resnet32-noise0-200ep.png", "curves-r-base.png",
-                     "curves-r-dks.png"]
-    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written)
+                     "curves-r-dks.png", "curves.md"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in written if p.suffix == ".png")
+    # The end-of-training table: the last epoch both seeds logged, mean(std) over the seeds.
+    rows = {line.split(" | ")[0].strip("| "): line.split(" | ")
+            for line in (tmp_path / "png" / "curves.md").read_text().splitlines()
+            if line.startswith("| r-")}
+    assert rows["r-dks"][1:4] == ["2", "2", f"{1.0:.3f}({np.std([0.5, 1.5], ddof=1):.3f})"]
 
 
 def test_table_cli_on_existing_runs(fake_runs, tmp_path, capsys):

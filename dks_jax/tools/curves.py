@@ -14,6 +14,9 @@ head on the labels it trained on, test top-1 of the main head, against epochs), 
 of configs that share model, data set, label noise and epochs, ``curves-<group>.png`` with their
 methods overlaid. Lines are the mean over seeds, bands the mean +- the sample standard deviation
 (ddof=1), drawn at the steps every seed has logged. Needs matplotlib (``pip install -e .[plots]``).
+It also writes ``curves.md``: per config, the values at the end of training (the last step every
+finished seed logged) of :data:`FINAL`, mean(std) over seeds: how well each method fits its training data
+beside how it does on the test set.
 """
 
 from __future__ import annotations
@@ -33,6 +36,13 @@ from dks_jax import cli, metrics, paths
 PANELS = (("loss", "training loss (objective)", 1.0),
           ("train_top1/C1", "training top-1 of C1 (%)", 100.0),
           ("eval_top1/C1", "test top-1 of C1 (%)", 1.0))
+
+
+# The end-of-training values of ``curves.md``: (key, column, scale).
+FINAL = (("loss", "training loss (objective)", 1.0),
+         ("loss/ce/0", "training cross-entropy of C1", 1.0),
+         ("train_top1/C1", "training top-1 of C1 (%)", 100.0),
+         ("eval_top1/C1", "test top-1 of C1 (%)", 1.0))
 
 
 def pyplot():
@@ -243,12 +253,46 @@ def plot_sweep(workdir, out_dir, names: Sequence[str] | None = None) -> list:
         out = out_dir / f"curves-{label}.png"
         plot(members, out, f"{model}, label noise {noise:g}")
         written.append(out)
+    if groups:
+        out = out_dir / "curves.md"
+        out.write_text("# Training curves: the end of training\n\nFinished runs, at the last step every seed "
+                       "logged; "
+                       "mean(std) over seeds, std the sample standard deviation. Training values "
+                       "are the average over the last logging interval, on the augmented "
+                       "training batches and the labels trained on (noisy ones where the "
+                       "labels are noisy).\n\n"
+                       + final_table(workdir, [n for m in groups.values() for n in m]))
+        written.append(out)
     return written
+
+
+def final_table(workdir, names: Sequence[str]) -> str:
+    """Markdown: per config, :data:`FINAL` at the end of training, mean(std) over the seeds that
+    finished (``result.json``; a run in progress would cut the common steps short)."""
+    workdir = paths.as_path(workdir)
+    header = ["Config", "Seeds", "Epoch"] + [column for _, column, _ in FINAL]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name in names:
+        runs = [r for r in seed_runs(workdir / name)
+                if (r / "metrics.jsonl").exists() and (r / "result.json").exists()]
+        cells, last_epoch = [], None
+        for key, _, scale in FINAL:
+            x, mean, std, n = band(runs, key)
+            if not n:
+                cells.append("-")
+                continue
+            last_epoch = x[-1] if last_epoch is None else last_epoch
+            digits = 3 if key.startswith("loss") else 2
+            cells.append(f"{mean[-1] * scale:.{digits}f}({std[-1] * scale:.{digits}f})")
+        if last_epoch is not None:
+            lines.append(f"| {name} | {len(runs)} | {last_epoch:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("workdir", None, "the sweep's workdir", flag_values=fv, required=True)
-    flags.DEFINE_string("out", None, "folder for the PNGs", flag_values=fv, required=True)
+    flags.DEFINE_string("out", None, "folder for the PNGs and curves.md", flag_values=fv,
+                        required=True)
     flags.DEFINE_list("names", [], "config folders (default: all)", flag_values=fv)
 
 

@@ -88,7 +88,7 @@ for phase in "${PHASES[@]}"; do
       if [[ $COMMIT == 1 ]]; then
         commit "cpu study: $name seed $seed, C1 top-1 $top1%" \
           "$run/result.json" "$run/metrics.jsonl" "$run/config.json" \
-          results/cpu_study.csv results/cpu_study.md "$STUDY"/curves-*.png
+          results/cpu_study.csv results/cpu_study.md "$STUDY"/curves-*.png "$STUDY"/curves.md
       fi
       exec {shared}>&- {claim}>&-
     done
