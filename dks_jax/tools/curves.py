@@ -14,9 +14,9 @@ head on the labels it trained on, test top-1 of the main head, against epochs), 
 of configs that share model, data set, label noise and epochs, ``curves-<group>.png`` with their
 methods overlaid. Lines are the mean over seeds, bands the mean +- the sample standard deviation
 (ddof=1), drawn at the steps every seed has logged. Needs matplotlib (``pip install -e .[plots]``).
-It also writes ``curves.md``: per config, the values at the end of training (the last step every
-finished seed logged) of :data:`FINAL`, mean(std) over seeds: how well each method fits its training data
-beside how it does on the test set.
+It also writes ``curves.md``: per config, the values of :data:`FINAL` at the end of training (the
+last step every finished seed logged), mean(std) over seeds: how well each method fits its
+training data beside how it does on the test set.
 """
 
 from __future__ import annotations
@@ -43,6 +43,14 @@ FINAL = (("loss", "training loss (objective)", 1.0),
          ("loss/ce/0", "training cross-entropy of C1", 1.0),
          ("train_top1/C1", "training top-1 of C1 (%)", 100.0),
          ("eval_top1/C1", "test top-1 of C1 (%)", 1.0))
+
+FINAL_INTRO = """# Training curves: the end of training
+
+Finished runs, at the last step every seed logged; mean(std) over seeds, std the sample standard
+deviation. The training values are averages over the last logging interval, on the augmented
+training batches and the labels trained on (the noisy ones where the labels are noisy).
+
+"""
 
 
 def pyplot():
@@ -255,13 +263,7 @@ def plot_sweep(workdir, out_dir, names: Sequence[str] | None = None) -> list:
         written.append(out)
     if groups:
         out = out_dir / "curves.md"
-        out.write_text("# Training curves: the end of training\n\nFinished runs, at the last step every seed "
-                       "logged; "
-                       "mean(std) over seeds, std the sample standard deviation. Training values "
-                       "are the average over the last logging interval, on the augmented "
-                       "training batches and the labels trained on (noisy ones where the "
-                       "labels are noisy).\n\n"
-                       + final_table(workdir, [n for m in groups.values() for n in m]))
+        out.write_text(FINAL_INTRO + final_table(workdir, [n for m in groups.values() for n in m]))
         written.append(out)
     return written
 
