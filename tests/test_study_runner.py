@@ -72,9 +72,10 @@ def study(tmp_path):
 @pytest.mark.timeout(120)
 def test_two_workers_train_every_run_once_and_commit_each(study):
     repo, env, log = study
-    done = repo / "results" / "cpu_study" / "runs" / "cpu_study-baseline" / "seed0"
-    done.mkdir(parents=True)
-    (done / "result.json").write_text("{}")  # finished before: skipped
+    finished = {(f"cpu_study-{c}", str(s)) for c in CONFIGS[:-1] for s in range(3)}
+    for n, s in finished:  # finished before: skipped
+        (repo / "results" / "cpu_study" / "runs" / n / f"seed{s}").mkdir(parents=True)
+        (repo / "results" / "cpu_study" / "runs" / n / f"seed{s}" / "result.json").write_text("{}")
     result = subprocess.run(["results/cpu_study/run.sh"], cwd=repo, env={**env, "JOBS": "2"},
                             capture_output=True, text=True, timeout=110)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -82,7 +83,7 @@ def test_two_workers_train_every_run_once_and_commit_each(study):
     runs = Counter((n, s) for n, s, _ in trained)
     assert set(runs.values()) == {1}, runs  # no run trained twice
     expected = {(f"cpu_study-{c}", str(s)) for c in CONFIGS for s in range(5)}
-    assert set(runs) == expected - {("cpu_study-baseline", "0")}
+    assert set(runs) == expected - finished
     # Each worker is confined to one core (both cores when there are two).
     assert {len(cpus.split(",")) for _, _, cpus in trained} == {1}
     if (os.cpu_count() or 1) >= 2:
