@@ -60,6 +60,11 @@ def _repo_cwd(monkeypatch):
 # (b) the ViT trains with DKS through the command line; its export is the main path.
 
 
+# About 55 s on 2 cores (mostly the eager initialisation and compilation of a subprocess on 8
+# devices): `make test-all`. The default run keeps its parts: a factory model trained in process
+# (`test_every_method_on_a_factory_model`), a sharded step and an export
+# (`test_linen_cnn_trains_one_step_and_exports`), `config.taps` parsing, and the CLI (test_main).
+@pytest.mark.slow
 def test_vit_trains_with_dks_through_the_cli(cifar_subset, tmp_path):
     workdir = tmp_path / "vit"
     overrides = {
