@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def study(tmp_path):
     _git(repo, "init", "-q")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "add", "-A")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
-    env = {**os.environ, "PY": str(fake), "REAL_PY": shutil.which("python3") or "python3",
+    env = {**os.environ, "PY": str(fake), "REAL_PY": sys.executable,
            "LOG": str(tmp_path / "trained.log"), "COMMIT": "1", "GIT_AUTHOR_NAME": "t",
            "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
     return repo, env, tmp_path / "trained.log"
