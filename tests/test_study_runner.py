@@ -106,6 +106,24 @@ def test_two_workers_train_every_run_once_and_commit_each(study):
 
 
 @pytest.mark.timeout(60)
+def test_a_failed_run_fails_the_two_worker_runner(study):
+    repo, env, log = study
+    fake = Path(env["PY"])
+    fake.write_text(fake.read_text().replace('mkdir -p "$w/$n/seed$s"',
+                                             '[[ $n == cpu_study-dhm ]] && exit 1\nmkdir -p "$w/$n/seed$s"'))
+    runs = repo / "results" / "cpu_study" / "runs"
+    for c in CONFIGS[:-1]:
+        for s in range(5):
+            (runs / f"cpu_study-{c}" / f"seed{s}").mkdir(parents=True)
+            (runs / f"cpu_study-{c}" / f"seed{s}" / "result.json").write_text("{}")
+    result = subprocess.run(["results/cpu_study/run.sh"], cwd=repo, env={**env, "JOBS": "2"},
+                            capture_output=True, text=True, timeout=50)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "a worker stopped on a failed run" in result.stdout
+    assert "all workers finished" not in result.stdout
+
+
+@pytest.mark.timeout(60)
 def test_one_worker_skips_what_is_finished(study):
     repo, env, log = study
     runs = repo / "results" / "cpu_study" / "runs"

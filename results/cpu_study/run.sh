@@ -55,12 +55,16 @@ WORKER=${WORKER:-0}
 mkdir -p "$RUNS"
 if [[ $WORKER == 0 && $JOBS -gt 1 ]]; then
   cores=$(nproc)
+  workers=()
   for ((j = 0; j < JOBS; j++)); do
     WORKER=1 taskset -c $((j % cores)) "$SELF" &
+    workers+=($!)
     sleep 1  # the workers start one after the other
   done
-  wait
+  failed=0
+  for pid in "${workers[@]}"; do wait "$pid" || failed=1; done
   tables
+  if ((failed)); then echo "a worker stopped on a failed run: see $RUNS/sweep.log"; exit 1; fi
   echo "$(date '+%F %T') all workers finished: results/cpu_study.md"
   exit 0
 fi
